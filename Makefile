@@ -1,0 +1,44 @@
+# stunner-guard: one command per habit. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PORT ?= 8443
+export PORT
+
+.DEFAULT_GOAL := help
+
+.PHONY: help install certs run test test-fast lint bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed ## create .venv and install the service with its dev tools
+
+certs: $(BIN)/.installed ## make the development CA and serving cert in certs/ (kept if present)
+	$(BIN)/python -m webhooks.certs certs
+
+run: certs ## serve HTTPS on 127.0.0.1:$(PORT) with the built-in policy (no cluster needed)
+	$(BIN)/gunicorn --config gunicorn.conf.py
+
+test: $(BIN)/.installed ## run the whole test suite, end-to-end tests included
+	$(BIN)/python -m pytest
+
+test-fast: $(BIN)/.installed ## run the suite without the end-to-end tests
+	$(BIN)/python -m pytest -m 'not e2e'
+
+lint: $(BIN)/.installed ## ruff
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: certs ## load benchmarks against the real server; prints the figures
+	$(BIN)/python -m bench
+
+clean: ## remove the venv and caches (certs stay)
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,1 @@
+"""stunner-guard: admission and drain webhooks for STUNner's stunnerd pods."""

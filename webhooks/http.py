@@ -1,0 +1,83 @@
+"""The HTTP layer: the only module that imports Flask. Decode -> decide -> encode."""
+
+from __future__ import annotations
+
+import time
+
+from flask import Blueprint, Response, current_app, jsonify, request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from webhooks import admission, review
+from webhooks.service import Service
+
+blueprint = Blueprint("stunner_guard", __name__)
+
+
+def _service() -> Service:
+    return current_app.extensions["stunner_guard"]
+
+
+def _plain(status: int, text: str) -> Response:
+    return Response(text + "\n", status=status, mimetype="text/plain")
+
+
+def _admit(webhook: str) -> Response:
+    service = _service()
+    started = time.perf_counter()
+    limit = service.settings.maxBodyBytes
+    # Refuse oversized bodies before reading them.
+    if request.content_length is not None and request.content_length > limit:
+        service.metrics.bad_requests.labels(webhook, "413").inc()
+        return _plain(413, f"body of {request.content_length} bytes exceeds the {limit}-byte limit")
+    body = request.stream.read(limit + 1)
+    try:
+        req = review.parse(body, limit)
+    except review.BadReview as err:
+        service.metrics.bad_requests.labels(webhook, str(err.status)).inc()
+        return _plain(err.status, err.reason)
+    verdict = admission.decide(req, webhook, service)
+    answer = review.encode(req.uid, verdict, mutating=webhook == admission.MUTATE)
+    service.metrics.admission_requests.labels(
+        webhook, req.kind, req.operation or "-", verdict.label
+    ).inc()
+    service.metrics.admission_latency.labels(webhook).observe(time.perf_counter() - started)
+    return jsonify(answer)
+
+
+@blueprint.post("/mutate")
+def mutate() -> Response:
+    return _admit(admission.MUTATE)
+
+
+@blueprint.post("/validate")
+def validate() -> Response:
+    return _admit(admission.VALIDATE)
+
+
+@blueprint.get("/healthz")
+def healthz() -> Response:
+    return _plain(200, "ok")
+
+
+@blueprint.get("/readyz")
+def readyz() -> Response:
+    reason = _service().not_ready_reason()
+    return _plain(503, f"not ready: {reason}") if reason else _plain(200, "ready")
+
+
+@blueprint.get("/metrics")
+def metrics() -> Response:
+    return Response(generate_latest(_service().metrics.registry), mimetype=CONTENT_TYPE_LATEST)
+
+
+@blueprint.errorhandler(405)
+def method_not_allowed(err) -> Response:
+    return _plain(405, f"{request.method} is not allowed on {request.path}")
+
+
+@blueprint.app_errorhandler(404)
+def not_found(err) -> Response:
+    return _plain(404, f"no endpoint at {request.path}")
+
+
+__all__ = ["blueprint", "jsonify"]

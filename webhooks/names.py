@@ -1,0 +1,25 @@
+"""Label and annotation keys, and the drain path: the names stunner-guard writes or reads."""
+
+from __future__ import annotations
+
+# Set by the STUNner gateway operator on the Deployments it renders from a Dataplane.
+OPERATOR_OWNED_LABEL = "stunner.l7mp.io/owned-by"
+OPERATOR_OWNED_VALUE = "stunner"
+
+# Stamped on each stunnerd Pod at CREATE; the preStop path carries it, because a
+# ReplicaSet pod has no name yet at admission time.
+DRAIN_TOKEN_LABEL = "stunner-guard.l7mp.io/drain-token"
+
+# JSON list of what the guard changed on the object, one "field: before -> after (rule)"
+# string per change; merged on reinvocation, never dropped.
+CHANGES_ANNOTATION = "stunner-guard.l7mp.io/changes"
+
+# Why drain is off for a pod (a user preStop was kept).
+DRAIN_ANNOTATION = "stunner-guard.l7mp.io/drain"
+
+DRAIN_PATH_PREFIX = "/drain"
+
+
+def drain_path(namespace: str, token: str) -> str:
+    """The path the injected preStop hook GETs: static, since kubelet expands nothing."""
+    return f"{DRAIN_PATH_PREFIX}/{namespace}/{token}"

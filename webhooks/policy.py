@@ -1,0 +1,252 @@
+"""The policy as pure functions on plain dicts (DESIGN.md "Policy").
+
+A ``Shaper`` walks one workload's stunnerd container (a Pod/Deployment container, or a
+Dataplane spec, which has the same resources/command/args fields) and its pod-level grace
+period, rule by rule. What happens when a rule finds something off depends on its mode
+and on the webhook:
+
+    webhook    how        mode enforce                     mode warn
+    ---------  ---------  -------------------------------  -------------------------
+    mutate     MUTATE     change the desired object,       nothing (validate warns
+                          explain it (warning+annotation)  on the final object)
+    validate   STRICT     deny: the mutating webhook       warning
+                          should have fixed it
+    validate   ADVISE     warning: the Pod webhook will    warning
+                          fix the pods (operator-owned
+                          Deployments are never mutated)
+
+Values that cannot be fixed (a quantity that does not parse) are denied by every webhook.
+Independently of every mode, the guard never emits a request above its limit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from kubernetes.utils import parse_quantity
+
+from webhooks import stunnerd
+from webhooks.settings import Policy, Rule
+
+MUTATE, STRICT, ADVISE = "mutate", "strict", "advise"
+RESOURCES = ("cpu", "memory")
+
+
+def quantity(value: Any) -> Decimal | None:
+    """A Kubernetes quantity (``500m``, ``0.5``, ``1Gi``, ``2``, ``1e3``) as a Decimal;
+    None when it does not parse or is negative."""
+    if isinstance(value, bool):
+        return None
+    try:
+        parsed = parse_quantity(value)
+    except (ValueError, TypeError, ArithmeticError):
+        return None
+    return parsed if parsed.is_finite() and parsed >= 0 else None
+
+
+def show(value: Any) -> str:
+    """A field value as a user wrote it in YAML: true, 500m, <unset>."""
+    if value is None:
+        return "<unset>"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+@dataclass
+class Shaper:
+    policy: Policy
+    how: str  # MUTATE, STRICT or ADVISE
+    subject: str  # "Pod media/udp-gateway-..." for messages
+    changes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    denials: list[str] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ verdict vocabulary
+
+    def propose(self, name: str, rule: Rule, where: str, before: Any, after: Any,
+                why: str) -> bool:
+        """A rule wants ``where`` to go from ``before`` to ``after``. True when the caller
+        should apply it to the desired object."""
+        if not rule.on:
+            return False
+        if self.how == MUTATE:
+            if not rule.enforced:
+                return False
+            self.changes.append(f"{where}: {show(before)} -> {show(after)} ({name}: {why})")
+            self.warnings.append(f"stunner-guard set {where}={show(after)} ({name})")
+            return True
+        if self.how == STRICT and rule.enforced:
+            self.denials.append(
+                f"{self.subject}: {where} is {show(before)}: {why}, expected {show(after)} "
+                f"(rule {name}, mode enforce)"
+            )
+        elif self.how == ADVISE and rule.enforced:
+            self.warnings.append(f"pods will get {where}={show(after)} ({name}: {why})")
+        else:
+            self.warnings.append(f"{where} is {show(before)}: {why}, want {show(after)} ({name})")
+        return False
+
+    def deny(self, where: str, value: Any, why: str, rule: str) -> None:
+        self.denials.append(f"{self.subject}: {where} is {value!r}: {why} (rule {rule})")
+
+    # ------------------------------------------------------------------ resources
+
+    def resources(self, container: dict, where: str) -> Decimal | None:
+        """Shape requests and limits; return the CPU limit (cores) the pod will run with."""
+        p = self.policy
+        if not any(r.on for r in (p.requestsPresent, p.requestsMinimal, p.limitsPresent,
+                                  p.limitsSane)):
+            return quantity(get_in(container, "resources", "limits", "cpu"))
+        limits = {r: self._one_resource(container, where, r) for r in RESOURCES}
+        return limits["cpu"]
+
+    def _one_resource(self, container: dict, where: str, r: str) -> Decimal | None:
+        p = self.policy
+        req_at, lim_at = f"{where}.resources.requests.{r}", f"{where}.resources.limits.{r}"
+        req_raw = get_in(container, "resources", "requests", r)
+        lim_raw = get_in(container, "resources", "limits", r)
+        req, lim = quantity(req_raw), quantity(lim_raw)
+        bad = False
+        for at, raw, parsed in ((req_at, req_raw, req), (lim_at, lim_raw, lim)):
+            if raw is not None and parsed is None:
+                self.deny(at, raw, "not a non-negative Kubernetes quantity", "quantity syntax")
+                bad = True
+        if bad:
+            return None
+
+        def put(kind: str, raw: Any) -> Decimal:
+            _set(container, raw, "resources", kind, r)
+            return quantity(raw)
+
+        limit_max = getattr(p.limitsSane, f"max{r.capitalize()}")
+        request_max = getattr(p.requestsMinimal, f"max{r.capitalize()}")
+        if lim is None:
+            default = getattr(p.limitsPresent, r)
+            if self.propose("limitsPresent", p.limitsPresent, lim_at, None, default,
+                            "missing limit"):
+                lim_raw, lim = default, put("limits", default)
+        if lim is not None and lim > quantity(limit_max):
+            if self.propose("limitsSane", p.limitsSane, lim_at, lim_raw, limit_max,
+                            f"above the {limit_max} maximum"):
+                lim_raw, lim = limit_max, put("limits", limit_max)
+        if req is None:
+            default = getattr(p.requestsPresent, r)
+            # A filled-in request never exceeds the limit the container has.
+            if lim is not None and quantity(default) > lim:
+                default = lim_raw
+            why = "HPA needs a CPU request" if r == "cpu" else "missing request"
+            if self.propose("requestsPresent", p.requestsPresent, req_at, None, default, why):
+                req_raw, req = default, put("requests", default)
+        if req is not None and req > quantity(request_max):
+            if self.propose("requestsMinimal", p.requestsMinimal, req_at, req_raw, request_max,
+                            f"above the {request_max} maximum; scale out, not up"):
+                req_raw, req = request_max, put("requests", request_max)
+        if req is not None and lim is not None and req > lim:
+            # limit >= request always: raise the limit to the request when the maximum
+            # allows it (the request is what the scheduler and the HPA use), else bring the
+            # request down to the capped limit.
+            ceiling = quantity(limit_max) if p.limitsSane.on else req
+            if req <= ceiling:
+                if self.propose("limitsSane", p.limitsSane, lim_at, lim_raw, req_raw,
+                                "limit below request"):
+                    lim_raw, lim = req_raw, put("limits", req_raw)
+            elif self.propose("limitsSane", p.limitsSane, req_at, req_raw, lim_raw,
+                              "request above limit"):
+                req_raw, req = lim_raw, put("requests", lim_raw)
+        return lim
+
+    # ------------------------------------------------------------------ threads
+
+    def threads(self, container: dict, where: str, cpu_limit: Decimal | None,
+                default_args: list | None = None) -> None:
+        """``--udp-thread-num`` = min(max, perCore x CPU limit), at least 1. The flag may sit
+        in ``command[1:]`` or in ``args``; ``default_args`` is what runs when ``args`` is
+        unset (the operator's defaults for a Dataplane; unknown image CMD for a Pod)."""
+        rule = self.policy.listenerThreads
+        if not rule.on:
+            return
+        if cpu_limit is None:
+            want = rule.max
+        else:
+            want = max(1, min(rule.max, int(Decimal(rule.perCore) * cpu_limit)))
+        command = container.get("command")
+        command = command if _str_list(command) else None
+        args = container.get("args")
+        if args is not None and not _str_list(args):
+            self.deny(f"{where}.args", args, "not a list of strings", "listenerThreads")
+            return
+        if command and stunnerd.thread_values(command[1:]):
+            at, argv, key, head = f"{where}.command", command, "command", 1
+        else:
+            at, key, head = f"{where}.args", "args", 0
+            argv = args if args is not None else default_args
+            if argv is None:
+                if command is None:
+                    # Appending args would replace the image's CMD, whose flags we can't see.
+                    self.warnings.append(
+                        f"{where}: no command/args; cannot check --udp-thread-num (want {want})"
+                    )
+                    return
+                argv = []
+        current = stunnerd.thread_values(argv[head:])
+        if current and all(v == str(want) for v in current):
+            return
+        now = ",".join(show(v) for v in current) if current else None
+        why = (f"{rule.perCore}/core x CPU limit {show(cpu_limit)}, max {rule.max}"
+               if cpu_limit is not None else f"no CPU limit: max {rule.max}")
+        if self.propose("listenerThreads", rule, f"{at} --udp-thread-num", now, want, why):
+            container[key] = argv[:head] + stunnerd.with_threads(argv[head:], want)
+
+    # ------------------------------------------------------------------ grace period
+
+    def grace(self, spec: dict, where: str) -> int | None:
+        """terminationGracePeriodSeconds within min..max; the default where unset."""
+        rule = self.policy.gracePeriod
+        at = f"{where}.terminationGracePeriodSeconds"
+        value = spec.get("terminationGracePeriodSeconds")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            self.deny(at, value, "not an integer number of seconds", "gracePeriod")
+            return None
+        want = None
+        if value is None:
+            want, why = rule.default, "unset"
+        elif value < rule.min:
+            want, why = rule.min, f"below {rule.min}s: idle TURN allocations live 10 min"
+        elif value > rule.max:
+            want, why = rule.max, f"above the {rule.max}s maximum"
+        if want is not None and self.propose("gracePeriod", rule, at, value, want, why):
+            spec["terminationGracePeriodSeconds"] = want
+            return want
+        return value
+
+    # ------------------------------------------------------------------ whole container
+
+    def container(self, container: dict, where: str, default_args: list | None = None) -> None:
+        cpu_limit = self.resources(container, where)
+        self.threads(container, where, cpu_limit, default_args)
+
+
+# ---------------------------------------------------------------------- dict helpers
+
+
+def _str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def get_in(obj: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(key)
+    return obj
+
+
+def _set(obj: dict, value: Any, *path: str) -> None:
+    for key in path[:-1]:
+        if not isinstance(obj.get(key), dict):
+            obj[key] = {}
+        obj = obj[key]
+    obj[path[-1]] = value

@@ -1,0 +1,194 @@
+"""The AdmissionReview ``admission.k8s.io/v1`` wire contract: decode and encode, nothing else.
+
+HTTP error contract (kept apart from policy verdicts):
+
+    body                                              answer
+    ------------------------------------------------  ----------------------------------
+    larger than the size limit                        413, reason
+    not JSON / not an object                          400, reason
+    apiVersion is not admission.k8s.io/v1             400, reason (v1beta1 included)
+    kind is not AdmissionReview                       400, reason
+    no ``request`` object, no ``request.uid``         400, reason
+    no ``request.kind`` {group, version, kind}        400, reason
+    a well-formed review                              200, AdmissionReview with verdict
+
+Response rules the apiserver enforces (k8s.io/apiserver .../request/admissionreview.go):
+echo apiVersion, kind and request.uid; ``patch`` and ``patchType: JSONPatch`` together or
+not at all (and only from the mutating webhook); ``status`` only matters when denied.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import jsonpatch
+
+API_VERSION = "admission.k8s.io/v1"
+KIND = "AdmissionReview"
+# Kubernetes truncates nothing, but kubectl shows warnings one per line; the API
+# conventions ask for at most 120 characters each.
+MAX_WARNING_CHARS = 120
+MAX_WARNINGS = 20
+
+
+class BadReview(Exception):
+    """The body is not an AdmissionReview this service can answer (HTTP 400/413)."""
+
+    def __init__(self, reason: str, status: int = 400) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Request:
+    """The parts of ``request`` the guard uses."""
+
+    uid: str
+    group: str
+    version: str
+    kind: str
+    operation: str
+    namespace: str
+    name: str
+    sub_resource: str
+    dry_run: bool
+    object: Any
+    old_object: Any
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    def describe(self) -> str:
+        """``Kind namespace/name`` for messages; ReplicaSet pods have only generateName."""
+        name = self.name
+        if not name and isinstance(self.object, dict):
+            meta = self.object.get("metadata") or {}
+            if isinstance(meta, dict):
+                name = meta.get("name") or (meta.get("generateName") or "") + "<generated>"
+        name = name or "<unnamed>"
+        return f"{self.kind} {self.namespace}/{name}" if self.namespace else f"{self.kind} {name}"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One vocabulary for every answer: allowed (maybe patched) or denied, plus warnings."""
+
+    allowed: bool
+    warnings: tuple[str, ...] = ()
+    patch: list[dict] = field(default_factory=list)
+    message: str = ""
+    code: int = 200
+
+    @property
+    def label(self) -> str:
+        if not self.allowed:
+            return "denied"
+        return "patched" if self.patch else "allowed"
+
+
+def allowed(warnings: list[str] | tuple[str, ...] = ()) -> Verdict:
+    return Verdict(True, tuple(warnings))
+
+
+def denied(message: str, warnings: list[str] | tuple[str, ...] = ()) -> Verdict:
+    return Verdict(False, tuple(warnings), message=message, code=403)
+
+
+def patched(original: Any, desired: Any, warnings: list[str] | tuple[str, ...] = ()) -> Verdict:
+    """Allowed, with the JSONPatch that turns ``original`` (the dict that came in the
+    request) into ``desired``; jsonpatch writes the pointers and escaping."""
+    ops = jsonpatch.make_patch(original, desired).patch
+    return Verdict(True, tuple(warnings), patch=ops)
+
+
+def _require(mapping: dict, key: str, kind: type, where: str) -> Any:
+    value = mapping.get(key)
+    if not isinstance(value, kind) or (kind is str and not value):
+        raise BadReview(f"{where}.{key} is missing or not a {'string' if kind is str else 'map'}")
+    return value
+
+
+def parse(body: bytes, limit: int) -> Request:
+    """Decode an HTTP body into a Request, or raise BadReview naming what is wrong."""
+    if len(body) > limit:
+        raise BadReview(f"body of {len(body)} bytes exceeds the {limit}-byte limit", 413)
+    try:
+        review = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise BadReview(f"body is not JSON: {err}") from None
+    if not isinstance(review, dict):
+        raise BadReview("body is not a JSON object")
+    if review.get("apiVersion") != API_VERSION:
+        raise BadReview(
+            f"apiVersion {review.get('apiVersion')!r} is not supported; send {API_VERSION} "
+            "(set admissionReviewVersions: [v1] on the webhook configuration)"
+        )
+    if review.get("kind") != KIND:
+        raise BadReview(f"kind {review.get('kind')!r} is not {KIND}")
+    request = review.get("request")
+    if not isinstance(request, dict):
+        raise BadReview("request is missing or not an object")
+    uid = _require(request, "uid", str, "request")
+    kind = _require(request, "kind", dict, "request")
+    kind_name = _require(kind, "kind", str, "request.kind")
+    version = _require(kind, "version", str, "request.kind")
+    group = kind.get("group", "")
+    if not isinstance(group, str):
+        raise BadReview("request.kind.group is not a string")
+    fields = {}
+    for key in ("operation", "namespace", "name", "subResource"):
+        value = request.get(key) or ""
+        if not isinstance(value, str):
+            raise BadReview(f"request.{key} is not a string")
+        fields[key] = value
+    dry_run = request.get("dryRun", False)
+    if not isinstance(dry_run, bool | type(None)):
+        raise BadReview("request.dryRun is not a boolean")
+    return Request(
+        uid=uid,
+        group=group,
+        version=version,
+        kind=kind_name,
+        operation=fields["operation"],
+        namespace=fields["namespace"],
+        name=fields["name"],
+        sub_resource=fields["subResource"],
+        dry_run=bool(dry_run),
+        object=request.get("object"),
+        old_object=request.get("oldObject"),
+    )
+
+
+def _fit(warning: str) -> str:
+    warning = " ".join(warning.split())
+    if len(warning) <= MAX_WARNING_CHARS:
+        return warning
+    return warning[: MAX_WARNING_CHARS - 3] + "..."
+
+
+def encode(uid: str, verdict: Verdict, mutating: bool) -> dict:
+    """The one place an AdmissionReview response is written."""
+    response: dict[str, Any] = {"uid": uid, "allowed": verdict.allowed}
+    if not verdict.allowed:
+        response["status"] = {
+            "code": verdict.code,
+            "reason": "Forbidden",
+            "message": verdict.message,
+        }
+    if verdict.warnings:
+        unique = list(dict.fromkeys(_fit(w) for w in verdict.warnings))
+        if len(unique) > MAX_WARNINGS:
+            more = len(unique) - MAX_WARNINGS + 1
+            unique = unique[: MAX_WARNINGS - 1] + [f"stunner-guard: {more} more warnings"]
+        response["warnings"] = unique
+    if mutating and verdict.allowed and verdict.patch:
+        response["patchType"] = "JSONPatch"
+        response["patch"] = base64.b64encode(
+            json.dumps(verdict.patch, separators=(",", ":")).encode()
+        ).decode()
+    return {"apiVersion": API_VERSION, "kind": KIND, "response": response}

@@ -1,0 +1,28 @@
+"""What one running stunner-guard process holds: settings, API access, metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from webhooks.kube import Kube
+from webhooks.metrics import Metrics
+from webhooks.settings import Settings
+
+
+@dataclass
+class Service:
+    settings: Settings
+    kube: Kube | None
+    metrics: Metrics = field(default_factory=Metrics)
+
+    def not_ready_reason(self) -> str | None:
+        """Why the service must not receive traffic yet, or None when ready."""
+        s = self.settings
+        if s.serviceName and s.policy.drainHook.on and not s.drainHost:
+            # In a cluster the preStop hook needs the Service ClusterIP; Kubernetes injects
+            # it as <SERVICE>_SERVICE_HOST into pods created after the Service.
+            return (
+                f"drain host unknown: neither STUNNER_GUARD_DRAIN_HOST nor the injected "
+                f"{s.serviceName.upper().replace('-', '_')}_SERVICE_HOST is set"
+            )
+        return None

@@ -1,0 +1,356 @@
+"""All configuration, read once at startup and passed explicitly.
+
+Two sources:
+- the policy file (YAML, path in ``STUNNER_GUARD_POLICY_FILE``; the Helm chart renders it
+  from ``.Values.policy`` and ``.Values.drain`` into a ConfigMap) over the built-in
+  defaults below, which come from STUNner's own scaling guidance (DESIGN.md "Policy");
+- environment variables for everything about where the service runs.
+
+An invalid policy file stops startup with a ``PolicyError`` naming the offending key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import yaml
+from kubernetes.utils import parse_quantity
+
+MODES = ("enforce", "warn", "off")
+ENFORCE, WARN, OFF = MODES
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class PolicyError(ValueError):
+    """The policy file cannot be used; the message names the key."""
+
+
+# --------------------------------------------------------------------------- policy
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One policy rule: ``enforce`` mutates to comply and denies what cannot be fixed,
+    ``warn`` only adds admission warnings, ``off`` skips the rule."""
+
+    mode: str = ENFORCE
+
+    @property
+    def on(self) -> bool:
+        return self.mode != OFF
+
+    @property
+    def enforced(self) -> bool:
+        return self.mode == ENFORCE
+
+
+@dataclass(frozen=True)
+class RequestsPresent(Rule):
+    """Fill in missing requests: the HPA cannot compute utilization without a CPU request."""
+
+    cpu: str = "500m"
+    memory: str = "128Mi"
+
+
+@dataclass(frozen=True)
+class RequestsMinimal(Rule):
+    """Cap requests: scale out, not up; big requests defeat the HPA."""
+
+    maxCpu: str = "1"
+    maxMemory: str = "512Mi"
+
+
+@dataclass(frozen=True)
+class LimitsPresent(Rule):
+    """Fill in missing limits."""
+
+    cpu: str = "2"
+    memory: str = "512Mi"
+
+
+@dataclass(frozen=True)
+class LimitsSane(Rule):
+    """Cap limits. Independently of every mode, no emitted request ever exceeds its limit."""
+
+    maxCpu: str = "2"
+    maxMemory: str = "2Gi"
+
+
+@dataclass(frozen=True)
+class ListenerThreads(Rule):
+    """``--udp-thread-num`` = min(max, perCore x CPU limit in cores), at least 1.
+    2 cores <-> 16 threads is STUNner's default pairing."""
+
+    max: int = 16
+    perCore: int = 8
+
+
+@dataclass(frozen=True)
+class GracePeriod(Rule):
+    """``terminationGracePeriodSeconds``: at least the 10-minute TURN allocation lifetime so
+    idle allocations can expire while the pod drains."""
+
+    default: int = 3600
+    min: int = 600
+    max: int = 14400
+
+
+@dataclass(frozen=True)
+class Policy:
+    requestsPresent: RequestsPresent = field(default_factory=RequestsPresent)
+    requestsMinimal: RequestsMinimal = field(default_factory=RequestsMinimal)
+    limitsPresent: LimitsPresent = field(default_factory=LimitsPresent)
+    limitsSane: LimitsSane = field(default_factory=LimitsSane)
+    listenerThreads: ListenerThreads = field(default_factory=ListenerThreads)
+    gracePeriod: GracePeriod = field(default_factory=GracePeriod)
+    # preStop httpGet to the drain endpoint, injected at Pod CREATE.
+    drainHook: Rule = field(default_factory=Rule)
+    # Dataplane.spec.enableMetricsEndpoint: the drain reads stunner_allocations_active.
+    metricsEndpoint: Rule = field(default_factory=Rule)
+    # HPA: averageUtilization x CPU request must stay below the CPU limit.
+    hpaFeasibility: Rule = field(default_factory=Rule)
+    # Dataplane.spec.replicas other than nil/1 makes the operator fight the HPA.
+    hpaReplicas: Rule = field(default_factory=lambda: Rule(WARN))
+
+
+@dataclass(frozen=True)
+class DrainSettings:
+    """The drain endpoint (DESIGN.md "The drain (preStop) protocol")."""
+
+    pollIntervalSeconds: float = 1.0
+    # Answer this long before deletionTimestamp so stunnerd still gets SIGTERM time.
+    marginSeconds: float = 5.0
+    # stunnerd's metrics port (Dataplane.spec.enableMetricsEndpoint).
+    metricsPort: int = 8080
+    metricsPath: str = "/metrics"
+    scrapeTimeoutSeconds: float = 0.5
+    maxMetricsBytes: int = 1 << 20
+    # Consecutive failed metric reads after which the drain gives up.
+    maxFailedReads: int = 3
+    # Held drains occupy gunicorn threads; calls beyond this cap get 503 at once.
+    maxConcurrent: int = 1000
+    # How long to wait for the pod watch / a fresh API read to show a deletionTimestamp
+    # before answering 404/409 (kubelet calls 50-120 ms after the delete).
+    confirmSeconds: float = 2.0
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class Settings:
+    policy: Policy = field(default_factory=Policy)
+    drain: DrainSettings = field(default_factory=DrainSettings)
+    # STUNNER_GUARD_POLICY_FILE: where policy came from (None: built-in defaults).
+    policyFile: str | None = None
+    # STUNNER_GUARD_CERT_FILE / STUNNER_GUARD_KEY_FILE: serving certificate and key.
+    certFile: str = str(REPO_ROOT / "certs" / "tls.crt")
+    keyFile: str = str(REPO_ROOT / "certs" / "tls.key")
+    # STUNNER_GUARD_DRAIN_HOST / STUNNER_GUARD_DRAIN_PORT: where kubelet reaches the drain
+    # endpoint. kubelet resolves the preStop host on the node, not through cluster DNS, so
+    # this must be an IP: the guard Service's ClusterIP. When unset, they are read from the
+    # <SERVICE>_SERVICE_HOST/_PORT variables Kubernetes injects for the Service named in
+    # STUNNER_GUARD_SERVICE_NAME. Without a host, preStop injection is skipped (warning).
+    drainHost: str | None = None
+    drainPort: int = 443
+    # STUNNER_GUARD_SERVICE_NAME: the guard's own Service (set by the Helm chart). When set,
+    # the drain host must be found, or the guard reports not ready.
+    serviceName: str | None = None
+    # STUNNER_GUARD_NAMESPACE: the guard's own namespace (from the downward API).
+    namespace: str = "stunner-guard"
+    # STUNNER_GUARD_WATCH_NAMESPACES: comma-separated namespaces whose pods may drain;
+    # empty means all namespaces.
+    watchNamespaces: tuple[str, ...] = ()
+    # STUNNER_GUARD_DATAPLANE: the Dataplane the HPA replicas rule reads.
+    dataplaneName: str = "default"
+    # STUNNER_GUARD_MAX_BODY_BYTES: larger AdmissionReview bodies get HTTP 413.
+    maxBodyBytes: int = 3 * 1024 * 1024
+    # STUNNER_GUARD_KUBE_TIMEOUT_SECONDS: per API call; the webhook's own timeout is short.
+    kubeTimeoutSeconds: float = 2.0
+
+    def watches(self, namespace: str) -> bool:
+        return not self.watchNamespaces or namespace in self.watchNamespaces
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _quantity(value: Any, where: str) -> Decimal:
+    try:
+        return parse_quantity(value)
+    except (ValueError, TypeError) as err:
+        raise PolicyError(f"{where}: {value!r} is not a Kubernetes quantity") from err
+
+
+def _build(cls: type, raw: Any, where: str, base: Any) -> Any:
+    """Overlay the mapping ``raw`` on the dataclass instance ``base``; unknown keys and
+    wrongly typed values are errors naming the key."""
+    if raw is None:
+        return base
+    if not isinstance(raw, dict):
+        raise PolicyError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    changes: dict[str, Any] = {}
+    for key, value in raw.items():
+        path = f"{where}.{key}"
+        if key not in known:
+            raise PolicyError(f"{path}: unknown key (known: {', '.join(sorted(known))})")
+        current = getattr(base, key)
+        if key == "mode":
+            if value not in MODES:
+                raise PolicyError(f"{path}: {value!r} is not one of {'|'.join(MODES)}")
+        elif hasattr(current, "__dataclass_fields__"):
+            value = _build(type(current), value, path, current)
+        elif isinstance(current, bool):
+            if not isinstance(value, bool):
+                raise PolicyError(f"{path}: {value!r} is not true/false")
+        elif isinstance(current, int):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise PolicyError(f"{path}: {value!r} is not a non-negative integer")
+        elif isinstance(current, float):
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise PolicyError(f"{path}: {value!r} is not a non-negative number")
+            value = float(value)
+        elif isinstance(current, str):
+            if isinstance(value, bool) or not isinstance(value, str | int | float):
+                raise PolicyError(f"{path}: {value!r} is not a string")
+            value = str(value)
+            if key.lower().endswith(("cpu", "memory")):
+                _quantity(value, path)
+        changes[key] = value
+    return replace(base, **changes)
+
+
+def _check_policy(p: Policy) -> None:
+    """Cross-field rules: the defaults must themselves satisfy the bounds, otherwise the
+    guard would emit objects its own validation denies."""
+    q = _quantity
+    pairs = [
+        ("rules.requestsPresent.cpu", p.requestsPresent.cpu,
+         "rules.requestsMinimal.maxCpu", p.requestsMinimal.maxCpu),
+        ("rules.requestsPresent.memory", p.requestsPresent.memory,
+         "rules.requestsMinimal.maxMemory", p.requestsMinimal.maxMemory),
+        ("rules.limitsPresent.cpu", p.limitsPresent.cpu,
+         "rules.limitsSane.maxCpu", p.limitsSane.maxCpu),
+        ("rules.limitsPresent.memory", p.limitsPresent.memory,
+         "rules.limitsSane.maxMemory", p.limitsSane.maxMemory),
+        ("rules.requestsMinimal.maxCpu", p.requestsMinimal.maxCpu,
+         "rules.limitsSane.maxCpu", p.limitsSane.maxCpu),
+        ("rules.requestsMinimal.maxMemory", p.requestsMinimal.maxMemory,
+         "rules.limitsSane.maxMemory", p.limitsSane.maxMemory),
+    ]
+    for low_key, low, high_key, high in pairs:
+        if q(low, low_key) > q(high, high_key):
+            raise PolicyError(f"{low_key}: {low} exceeds {high_key} ({high})")
+    for key in ("requestsPresent.cpu", "limitsPresent.cpu", "limitsSane.maxCpu"):
+        rule, attr = key.split(".")
+        if q(getattr(getattr(p, rule), attr), key) <= 0:
+            raise PolicyError(f"rules.{key}: must be greater than 0")
+    g = p.gracePeriod
+    if not g.min <= g.default <= g.max:
+        raise PolicyError(
+            f"rules.gracePeriod.default: {g.default} is outside min..max ({g.min}..{g.max})"
+        )
+    t = p.listenerThreads
+    if t.max < 1 or t.perCore < 1:
+        raise PolicyError("rules.listenerThreads: max and perCore must be at least 1")
+
+
+def _check_drain(d: DrainSettings) -> None:
+    if d.pollIntervalSeconds <= 0:
+        raise PolicyError("drain.pollIntervalSeconds: must be greater than 0")
+    if d.scrapeTimeoutSeconds <= 0:
+        raise PolicyError("drain.scrapeTimeoutSeconds: must be greater than 0")
+    if not 1 <= d.metricsPort <= 65535:
+        raise PolicyError(f"drain.metricsPort: {d.metricsPort} is not a port number")
+    if d.maxFailedReads < 1:
+        raise PolicyError("drain.maxFailedReads: must be at least 1")
+    if not d.metricsPath.startswith("/"):
+        raise PolicyError(f"drain.metricsPath: {d.metricsPath!r} must start with /")
+
+
+def load_policy_document(doc: Any, source: str = "policy") -> tuple[Policy, DrainSettings]:
+    """Policy and drain settings from a parsed policy document (``rules:`` and ``drain:``)."""
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise PolicyError(f"{source}: expected a mapping with keys rules, drain")
+    unknown = set(doc) - {"rules", "drain"}
+    if unknown:
+        raise PolicyError(f"{sorted(unknown)[0]}: unknown key (known: drain, rules)")
+    policy = _build(Policy, doc.get("rules"), "rules", Policy())
+    drain = _build(DrainSettings, doc.get("drain"), "drain", DrainSettings())
+    _check_policy(policy)
+    _check_drain(drain)
+    return policy, drain
+
+
+def load_policy_file(path: str) -> tuple[Policy, DrainSettings]:
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise PolicyError(f"policy file {path}: {err.strerror}") from err
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise PolicyError(f"policy file {path}: not YAML: {err}") from err
+    return load_policy_document(doc, path)
+
+
+def _env_int(env: dict[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        return int(raw)
+    except ValueError as err:
+        raise PolicyError(f"{name}: {raw!r} is not an integer") from err
+
+
+def _service_env_prefix(service_name: str) -> str:
+    # Kubernetes names the injected variables after the Service: upper case, '-' -> '_'.
+    return service_name.upper().replace("-", "_")
+
+
+def from_env(env: dict[str, str] | None = None) -> Settings:
+    """Settings from the environment (and the policy file it names)."""
+    env = dict(os.environ if env is None else env)
+    policy_file = env.get("STUNNER_GUARD_POLICY_FILE") or None
+    policy, drain = load_policy_file(policy_file) if policy_file else (Policy(), DrainSettings())
+
+    drain_host = env.get("STUNNER_GUARD_DRAIN_HOST") or None
+    drain_port = _env_int(env, "STUNNER_GUARD_DRAIN_PORT", 0)
+    service = env.get("STUNNER_GUARD_SERVICE_NAME")
+    if service:
+        prefix = _service_env_prefix(service)
+        drain_host = drain_host or env.get(f"{prefix}_SERVICE_HOST") or None
+        drain_port = drain_port or _env_int(env, f"{prefix}_SERVICE_PORT", 0)
+
+    defaults = Settings()
+    watch = tuple(
+        ns.strip() for ns in env.get("STUNNER_GUARD_WATCH_NAMESPACES", "").split(",") if ns.strip()
+    )
+    try:
+        kube_timeout = float(env.get("STUNNER_GUARD_KUBE_TIMEOUT_SECONDS") or 2.0)
+    except ValueError as err:
+        raise PolicyError("STUNNER_GUARD_KUBE_TIMEOUT_SECONDS: not a number") from err
+    return Settings(
+        policy=policy,
+        drain=drain,
+        policyFile=policy_file,
+        certFile=env.get("STUNNER_GUARD_CERT_FILE") or defaults.certFile,
+        keyFile=env.get("STUNNER_GUARD_KEY_FILE") or defaults.keyFile,
+        drainHost=drain_host,
+        drainPort=drain_port or defaults.drainPort,
+        serviceName=service or None,
+        namespace=env.get("STUNNER_GUARD_NAMESPACE") or defaults.namespace,
+        watchNamespaces=watch,
+        dataplaneName=env.get("STUNNER_GUARD_DATAPLANE") or defaults.dataplaneName,
+        maxBodyBytes=_env_int(env, "STUNNER_GUARD_MAX_BODY_BYTES", defaults.maxBodyBytes),
+        kubeTimeoutSeconds=kube_timeout,
+    )
