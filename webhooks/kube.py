@@ -6,27 +6,42 @@ same shape admission requests carry), so policy code never sees client model cla
 Configuration: in-cluster service account when running in a pod, else the kubeconfig
 (``KUBECONFIG`` or ``~/.kube/config``) when running locally, else no cluster at all
 (``connect()`` returns None): admission then works without it and the HPA rule allows
-with a warning.
+with a warning, and the drain endpoint answers at once that it cannot see pods.
+
+RBAC this module needs: ``get`` deployments (apps), ``get`` dataplanes
+(stunner.l7mp.io), ``list``/``watch`` pods (cluster-wide: the drain's one pod watch),
+``create`` events.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from kubernetes import client, config
-from kubernetes.client.rest import ApiException
 from kubernetes.config.config_exception import ConfigException
+from kubernetes.watch.watch import iter_resp_lines
 
 DATAPLANE_GROUP = "stunner.l7mp.io"
 DATAPLANE_VERSION = "v1"
 DATAPLANE_PLURAL = "dataplanes"
 
+# Slack on top of a watch's server-side timeoutSeconds before the client gives up reading:
+# the apiserver ends the watch itself at timeoutSeconds, so the read timeout only fires
+# when the connection went silent (a dead peer or a half-open TCP connection).
+WATCH_READ_SLACK_SECONDS = 30.0
+
 
 class KubeUnavailable(Exception):
     """The API could not answer (unreachable, timed out, forbidden, 5xx)."""
+
+
+class WatchExpired(KubeUnavailable):
+    """The watch's resourceVersion is too old (410 Gone): list again, then watch."""
 
 
 class Kube:
@@ -53,28 +68,53 @@ class Kube:
 
     # ----------------------------------------------------------------- plumbing
 
-    def _get(self, path: str, query: list[tuple[str, Any]] | None = None) -> dict | None:
-        """GET a path; the object as a dict, None on 404, KubeUnavailable otherwise."""
+    def _send(
+        self,
+        method: str,
+        path: str,
+        query: list[tuple[str, Any]] | None = None,
+        body: dict | None = None,
+        timeout: float | tuple[float, float] | None = None,
+    ):
+        """One request through the client's serializer (auth, token refresh, query
+        encoding); the unread urllib3 response, KubeUnavailable when nothing came back."""
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        request = self.api.param_serialize(
+            method,
+            path,
+            query_params=query or [],
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
         try:
-            response = self.api.call_api(
-                path,
-                "GET",
-                query_params=query or [],
-                header_params={"Accept": "application/json"},
-                auth_settings=["BearerToken"],
-                _preload_content=False,
-                _request_timeout=self.timeout,
-            )[0]
-        except ApiException as err:
-            if err.status == 404:
-                return None
-            raise KubeUnavailable(f"API answered {err.status} {err.reason}") from err
+            return self.api.call_api(*request, _request_timeout=timeout or self.timeout).response
         except Exception as err:  # urllib3 connection/timeout errors, TLS errors
             raise KubeUnavailable(f"API unreachable: {type(err).__name__}: {err}") from err
+
+    @staticmethod
+    def _json(response) -> dict:
         try:
             return json.loads(response.data)
-        except ValueError as err:
-            raise KubeUnavailable("API answered with a body that is not JSON") from err
+        except Exception as err:  # a body cut off mid-read, or not JSON
+            raise KubeUnavailable(f"API answered with a body that is not JSON: {err}") from err
+
+    @staticmethod
+    def _failure(response) -> KubeUnavailable:
+        return KubeUnavailable(f"API answered {response.status} {response.reason}")
+
+    def _get(self, path: str, query: list[tuple[str, Any]] | None = None) -> dict | None:
+        """GET a path; the object as a dict, None on 404, KubeUnavailable otherwise."""
+        response = self._send("GET", path, query)
+        if response.status == 404:
+            response.drain_conn()
+            return None
+        if not 200 <= response.status <= 299:
+            response.drain_conn()
+            raise self._failure(response)
+        return self._json(response)
 
     # ----------------------------------------------------------------- reads
 
@@ -83,6 +123,100 @@ class Kube:
 
     def read_dataplane(self, name: str) -> dict | None:
         return self._get(f"/apis/{DATAPLANE_GROUP}/{DATAPLANE_VERSION}/{DATAPLANE_PLURAL}/{name}")
+
+    # ----------------------------------------------------------------- pods (the drain)
+
+    @staticmethod
+    def _pods_path(namespace: str | None) -> str:
+        return f"/api/v1/namespaces/{namespace}/pods" if namespace else "/api/v1/pods"
+
+    def list_pods(
+        self, label_selector: str, namespace: str | None = None
+    ) -> tuple[list[dict], str]:
+        """A fresh (quorum) read of the pods matching ``label_selector``, in one namespace
+        or all; the pods and the list's resourceVersion to start a watch from."""
+        listing = self._get(self._pods_path(namespace), [("labelSelector", label_selector)])
+        if listing is None:
+            raise KubeUnavailable("API answered 404 for the pod list")
+        items = listing.get("items") or []
+        return items, str((listing.get("metadata") or {}).get("resourceVersion") or "")
+
+    def watch_pods(
+        self,
+        label_selector: str,
+        resource_version: str,
+        timeout_seconds: int,
+        namespace: str | None = None,
+    ) -> PodWatch:
+        """Open a watch on the matching pods from ``resource_version``; the apiserver ends
+        it after ``timeout_seconds``. WatchExpired when that version is compacted away."""
+        query = [
+            ("labelSelector", label_selector),
+            ("watch", "true"),
+            ("resourceVersion", resource_version),
+            ("allowWatchBookmarks", "true"),
+            ("timeoutSeconds", timeout_seconds),
+        ]
+        read_timeout = timeout_seconds + WATCH_READ_SLACK_SECONDS
+        response = self._send(
+            "GET", self._pods_path(namespace), query, timeout=(self.timeout, read_timeout)
+        )
+        if response.status == 410:
+            response.drain_conn()
+            raise WatchExpired(f"resourceVersion {resource_version} is too old")
+        if not 200 <= response.status <= 299:
+            response.drain_conn()
+            raise self._failure(response)
+        return PodWatch(response)
+
+    # ----------------------------------------------------------------- events
+
+    def create_event(self, namespace: str, event: dict) -> None:
+        """POST a core/v1 Event; KubeUnavailable when the API did not take it."""
+        response = self._send("POST", f"/api/v1/namespaces/{namespace}/events", body=event)
+        response.drain_conn()
+        if not 200 <= response.status <= 299:
+            raise self._failure(response)
+
+
+class PodWatch:
+    """An open watch: iterate for ``(type, object)`` events (ADDED, MODIFIED, DELETED,
+    BOOKMARK); the iteration ends when the apiserver closes the watch cleanly and raises
+    KubeUnavailable when the connection breaks. ``close()`` may be called from another
+    thread to end a blocked read."""
+
+    def __init__(self, response) -> None:
+        self.response = response
+
+    def __iter__(self) -> Iterator[tuple[str, dict]]:
+        try:
+            for line in iter_resp_lines(self.response):
+                if not line:
+                    continue
+                event = json.loads(line)
+                kind, obj = event.get("type"), event.get("object") or {}
+                if kind == "ERROR":
+                    # The apiserver reports an expired resourceVersion as an ERROR event
+                    # carrying a Status with code 410, inside a 200 response.
+                    if obj.get("code") == 410:
+                        raise WatchExpired(obj.get("message") or "resourceVersion expired")
+                    raise KubeUnavailable(f"watch error: {obj.get('message') or obj}")
+                yield kind, obj
+        except KubeUnavailable:
+            self.response.close()
+            raise
+        except Exception as err:  # connection reset, read timeout, a cut-off chunk
+            self.response.close()
+            raise KubeUnavailable(f"watch broke: {type(err).__name__}: {err}") from err
+        # Read to its end: the connection can serve the next request.
+        self.response.release_conn()
+
+    def close(self) -> None:
+        """Unblock a reader in another thread: shut the socket's read side."""
+        # Already closed, or already back in the pool: nothing left to unblock.
+        with contextlib.suppress(OSError, ValueError, RuntimeError):
+            self.response.shutdown()
+        self.response.close()
 
 
 def connect(timeout: float = 2.0) -> Kube | None:

@@ -46,6 +46,13 @@ def quantity(value: Any) -> Decimal | None:
     return parsed if parsed.is_finite() and parsed >= 0 else None
 
 
+def format_cores(cores: Decimal) -> str:
+    """CPU as Kubernetes writes it: 2, 1500m."""
+    if cores == cores.to_integral_value():
+        return str(int(cores))
+    return f"{int(cores * 1000)}m"
+
+
 def show(value: Any) -> str:
     """A field value as a user wrote it in YAML: true, 500m, <unset>."""
     if value is None:
@@ -195,7 +202,7 @@ class Shaper:
         if current and all(v == str(want) for v in current):
             return
         now = ",".join(show(v) for v in current) if current else None
-        why = (f"{rule.perCore}/core x CPU limit {show(cpu_limit)}, max {rule.max}"
+        why = (f"{rule.perCore}/core x CPU limit {format_cores(cpu_limit)}, max {rule.max}"
                if cpu_limit is not None else f"no CPU limit: max {rule.max}")
         if self.propose("listenerThreads", rule, f"{at} --udp-thread-num", now, want, why):
             container[key] = argv[:head] + stunnerd.with_threads(argv[head:], want)

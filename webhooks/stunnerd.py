@@ -108,7 +108,9 @@ def with_threads(argv: list, threads: int) -> list:
     out = list(argv)
     positions = _flag_positions(out)
     if not positions:
-        return out + [f"{THREAD_FLAG}={threads}"]
+        # Flags after "--" would be positional arguments: insert before it.
+        at = out.index("--") if "--" in out else len(out)
+        return out[:at] + [f"{THREAD_FLAG}={threads}"] + out[at:]
     # Walk backwards so insertions don't shift the positions still to do.
     for index, spelling in reversed(positions):
         arg = out[index]

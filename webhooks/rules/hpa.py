@@ -21,7 +21,7 @@ from typing import Any
 from webhooks import stunnerd
 from webhooks.kube import KubeUnavailable
 from webhooks.outcome import Context, Outcome
-from webhooks.policy import MUTATE, Shaper, get_in, quantity
+from webhooks.policy import MUTATE, Shaper, format_cores, get_in, quantity
 from webhooks.rules.common import container_path
 from webhooks.rules.deployment import operator_owned, template_spec
 
@@ -119,9 +119,10 @@ def _check_feasibility(hpa: dict, ctx: Context, outcome: Outcome, spec: dict,
             if at_target < limit:
                 continue
             highest = int(limit / request * 100 - Decimal("0.000001"))
+            cores = format_cores
             problem = (
-                f"{utilization}% x CPU request {_fmt(request)} = {_fmt(at_target)} is not "
-                f"below the CPU limit {_fmt(limit)} of Deployment {ctx.namespace}/{deployment}: "
+                f"{utilization}% x CPU request {cores(request)} = {cores(at_target)} is not "
+                f"below the CPU limit {cores(limit)} of Deployment {ctx.namespace}/{deployment}: "
                 f"pods are throttled at the limit before the HPA can fire; use at most "
                 f"{highest}% or raise the limit"
             )
@@ -146,9 +147,3 @@ def _check_dataplane_replicas(ctx: Context, outcome: Outcome) -> None:
     else:
         outcome.warnings.append(f"Dataplane {name} spec.replicas={replicas} fights this HPA")
 
-
-def _fmt(cores: Decimal) -> str:
-    """Cores as Kubernetes writes them: 2, 1500m."""
-    if cores == cores.to_integral_value():
-        return str(int(cores))
-    return f"{int(cores * 1000)}m"

@@ -1,0 +1,412 @@
+"""Policy rules per kind, table-driven, asserting on the patched object (no server, no cluster)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import jsonpatch
+import pytest
+from hypothesis import given, settings as hsettings, strategies as st
+
+from tests.conftest import DRAIN_HOST, STUNNER, context, load_yaml_docs, stunnerd_pod, with_rules
+from webhooks import admission
+from webhooks.names import CHANGES_ANNOTATION, DRAIN_ANNOTATION, DRAIN_TOKEN_LABEL
+from webhooks.policy import quantity
+from webhooks.settings import (
+    GracePeriod, LimitsPresent, LimitsSane, ListenerThreads, RequestsMinimal, RequestsPresent,
+    Rule, Settings,
+)
+
+
+def run(obj: dict, webhook: str = "mutate", settings: Settings | None = None, kube=None,
+        operation: str = "CREATE"):
+    """(verdict, object after the verdict's patch) through the same path as the webhook."""
+    group, _, version = obj["apiVersion"].rpartition("/")
+    handler = admission.handler_for(group, version, obj["kind"], operation)
+    assert handler is not None, f"no handler for {obj['kind']}"
+    ctx = context(settings, webhook, kube, api_version=obj["apiVersion"])
+    verdict = admission.verdict(obj, handler(copy.deepcopy(obj), ctx), ctx)
+    return verdict, jsonpatch.apply_patch(obj, verdict.patch) if verdict.patch else obj
+
+
+def container(pod: dict) -> dict:
+    return pod["spec"]["containers"][0]
+
+
+def resources(pod: dict) -> dict:
+    return container(pod).get("resources", {})
+
+
+# ---------------------------------------------------------------- requests and limits
+
+RESOURCE_CASES = [
+    pytest.param({}, {"requests": {"cpu": "500m", "memory": "128Mi"},
+                      "limits": {"cpu": "2", "memory": "512Mi"}}, id="missing-all-filled"),
+    pytest.param({"requests": {"cpu": "4", "memory": "1Gi"}, "limits": {"cpu": "4", "memory": "2Gi"}},
+                 {"requests": {"cpu": "1", "memory": "512Mi"}, "limits": {"cpu": "2", "memory": "2Gi"}},
+                 id="big-requests-and-limits-capped"),
+    pytest.param({"limits": {"cpu": "250m", "memory": "64Mi"}},
+                 {"requests": {"cpu": "250m", "memory": "64Mi"}, "limits": {"cpu": "250m", "memory": "64Mi"}},
+                 id="filled-request-never-exceeds-limit"),
+    pytest.param({"requests": {"cpu": "1", "memory": "256Mi"}, "limits": {"cpu": "500m", "memory": "128Mi"}},
+                 {"requests": {"cpu": "1", "memory": "256Mi"}, "limits": {"cpu": "1", "memory": "256Mi"}},
+                 id="limit-below-request-raised"),
+    pytest.param({"requests": {"cpu": 1, "memory": "128Mi"}, "limits": {"cpu": 2, "memory": "512Mi"}},
+                 {"requests": {"cpu": 1, "memory": "128Mi"}, "limits": {"cpu": 2, "memory": "512Mi"}},
+                 id="integer-quantities-kept-as-written"),
+    pytest.param({"requests": {"cpu": "0.5", "memory": "134217728"}, "limits": {"cpu": "2000m", "memory": "0.5Gi"}},
+                 {"requests": {"cpu": "0.5", "memory": "134217728"}, "limits": {"cpu": "2000m", "memory": "0.5Gi"}},
+                 id="equivalent-spellings-untouched"),
+]
+
+
+@pytest.mark.parametrize(("given_resources", "expected"), RESOURCE_CASES)
+def test_pod_resources_are_shaped_to_policy(given_resources, expected):
+    verdict, pod = run(stunnerd_pod(resources=given_resources))
+    assert verdict.allowed
+    assert resources(pod) == expected
+
+
+def test_request_above_capped_limit_comes_down_to_the_limit_when_requests_minimal_is_off():
+    settings = with_rules(requestsMinimal=RequestsMinimal("off"))
+    _, pod = run(stunnerd_pod(resources={"requests": {"cpu": "3"}}), settings=settings)
+    assert resources(pod)["requests"]["cpu"] == resources(pod)["limits"]["cpu"] == "2"
+
+
+def test_a_quantity_that_does_not_parse_is_denied_naming_field_value_and_rule():
+    verdict, _ = run(stunnerd_pod(resources={"requests": {"cpu": "lots"}}))
+    assert not verdict.allowed
+    assert "spec.containers[stunner-daemon].resources.requests.cpu is 'lots'" in verdict.message
+    assert "rule quantity syntax" in verdict.message
+
+
+@pytest.mark.parametrize("webhook", ["mutate", "validate"])
+def test_warn_mode_changes_nothing(webhook):
+    settings = with_rules(requestsPresent=RequestsPresent("warn"), limitsPresent=LimitsPresent("warn"))
+    verdict, pod = run(stunnerd_pod(resources={}), webhook=webhook, settings=settings)
+    assert verdict.allowed
+    assert resources(pod) == {}
+
+
+def test_warn_mode_warns_from_the_validating_webhook_only():
+    settings = with_rules(requestsPresent=RequestsPresent("warn"))
+    pod = stunnerd_pod(resources={"limits": {"cpu": "2", "memory": "512Mi"}})
+    mutated, _ = run(pod, settings=settings)
+    validated, _ = run(pod, webhook="validate", settings=settings)
+    assert not any("requests" in w for w in mutated.warnings)
+    assert validated.allowed
+    assert any("resources.requests.cpu is <unset>" in w and "requestsPresent" in w
+               for w in validated.warnings)
+
+
+def test_off_rules_leave_resources_alone():
+    settings = with_rules(requestsPresent=RequestsPresent("off"), requestsMinimal=RequestsMinimal("off"),
+                          limitsPresent=LimitsPresent("off"), limitsSane=LimitsSane("off"))
+    _, pod = run(stunnerd_pod(resources={"requests": {"cpu": "8"}}), settings=settings)
+    assert resources(pod) == {"requests": {"cpu": "8"}}
+
+
+def test_validating_webhook_denies_what_enforce_mode_should_have_fixed():
+    verdict, _ = run(stunnerd_pod(resources={"requests": {"cpu": "4"}}), webhook="validate")
+    assert not verdict.allowed
+    assert "resources.requests.cpu is 4" in verdict.message
+    assert "rule requestsMinimal, mode enforce" in verdict.message
+
+
+@hsettings(max_examples=150, deadline=None)
+@given(
+    st.dictionaries(st.sampled_from(["requests", "limits"]),
+                    st.dictionaries(st.sampled_from(["cpu", "memory"]),
+                                    st.sampled_from(["0", "100m", "250m", "1", "1500m", "3", 7,
+                                                     "64Mi", "1Gi", "3Gi", "0.5"]))),
+    st.sampled_from(["enforce", "warn", "off"]),
+    st.sampled_from(["enforce", "warn", "off"]),
+)
+def test_the_guard_never_emits_a_request_above_its_limit(given_resources, requests_mode, limits_mode):
+    settings = with_rules(requestsPresent=RequestsPresent(requests_mode),
+                          requestsMinimal=RequestsMinimal(requests_mode),
+                          limitsPresent=LimitsPresent(limits_mode))
+    original = stunnerd_pod(resources=copy.deepcopy(given_resources))
+    verdict, pod = run(original, settings=settings)
+    before = given_resources
+    after = resources(pod)
+    for r in ("cpu", "memory"):
+        req = quantity(after.get("requests", {}).get(r))
+        lim = quantity(after.get("limits", {}).get(r))
+        user_req = quantity(before.get("requests", {}).get(r))
+        user_lim = quantity(before.get("limits", {}).get(r))
+        if req is not None and lim is not None and req > lim:
+            # Only ever the user's own inconsistency, untouched.
+            assert (req, lim) == (user_req, user_lim)
+
+
+# ---------------------------------------------------------------- listener threads
+
+THREAD_CASES = [
+    pytest.param("2", ["-w", "--udp-thread-num=16"], ["-w", "--udp-thread-num=16"], id="default-pairing"),
+    pytest.param("1", ["-w", "--udp-thread-num=16"], ["-w", "--udp-thread-num=8"], id="equals"),
+    pytest.param("2", ["--udp-thread-num", "4", "-w"], ["--udp-thread-num", "16", "-w"], id="next-arg"),
+    pytest.param("2", ["-u", "4"], ["-u", "16"], id="short"),
+    pytest.param("2", ["-u=4"], ["-u=16"], id="short-equals"),
+    pytest.param("2", ["-u4"], ["-u16"], id="short-attached"),
+    pytest.param("500m", ["-w"], ["-w", "--udp-thread-num=4"], id="absent-appended"),
+    pytest.param("250m", ["-w", "--", "extra"], ["-w", "--udp-thread-num=2", "--", "extra"],
+                 id="inserted-before-double-dash"),
+    pytest.param("100m", ["-u", "8"], ["-u", "1"], id="at-least-one"),
+    pytest.param("2", ["-u", "1", "--udp-thread-num=3"], ["-u", "16", "--udp-thread-num=16"],
+                 id="every-occurrence"),
+    pytest.param("2", ["-w", "--udp-thread-num"], ["-w", "--udp-thread-num", "16"], id="missing-value"),
+    pytest.param("2", ["-w", "-u", "many"], ["-w", "-u", "16"], id="garbage-value"),
+]
+
+
+@pytest.mark.parametrize(("cpu_limit", "args", "expected"), THREAD_CASES)
+def test_udp_thread_num_matches_the_cpu_limit(cpu_limit, args, expected):
+    pod = stunnerd_pod(args=args, resources={"requests": {"cpu": "100m", "memory": "64Mi"},
+                                             "limits": {"cpu": cpu_limit, "memory": "512Mi"}})
+    _, mutated = run(pod)
+    assert container(mutated)["args"] == expected
+
+
+def test_thread_flag_in_the_command_is_rewritten_there():
+    pod = stunnerd_pod(command=["stunnerd", "--udp-thread-num=3"], args=["-w"],
+                       resources={"limits": {"cpu": "1"}})
+    _, mutated = run(pod)
+    assert container(mutated)["command"] == ["stunnerd", "--udp-thread-num=8"]
+    assert container(mutated)["args"] == ["-w"]
+
+
+def test_no_command_and_no_args_warns_instead_of_overriding_the_image_cmd():
+    pod = stunnerd_pod(command=None, args=None)
+    verdict, mutated = run(pod)
+    assert "args" not in container(mutated)
+    assert any("cannot check --udp-thread-num" in w for w in verdict.warnings)
+
+
+def test_thread_rule_respects_its_own_limits():
+    settings = with_rules(listenerThreads=ListenerThreads(max=4, perCore=2))
+    _, mutated = run(stunnerd_pod(resources={"limits": {"cpu": "1"}}), settings=settings)
+    assert container(mutated)["args"] == ["-w", "--udp-thread-num=2"]
+
+
+# ---------------------------------------------------------------- grace period
+
+@pytest.mark.parametrize(("given", "expected"), [
+    pytest.param(None, 3600, id="unset-default"),
+    pytest.param(30, 600, id="api-default-raised-to-min"),
+    pytest.param(900, 900, id="in-range-kept"),
+    pytest.param(20000, 14400, id="above-max-capped"),
+])
+def test_grace_period_is_kept_in_range(given, expected):
+    pod = stunnerd_pod()
+    if given is None:
+        del pod["spec"]["terminationGracePeriodSeconds"]
+    else:
+        pod["spec"]["terminationGracePeriodSeconds"] = given
+    _, mutated = run(pod)
+    assert mutated["spec"]["terminationGracePeriodSeconds"] == expected
+
+
+def test_grace_period_that_is_not_an_integer_is_denied():
+    pod = stunnerd_pod()
+    pod["spec"]["terminationGracePeriodSeconds"] = "an hour"
+    verdict, _ = run(pod)
+    assert not verdict.allowed
+    assert "spec.terminationGracePeriodSeconds is 'an hour'" in verdict.message
+
+
+def test_short_grace_period_in_warn_mode_is_a_validation_warning_about_the_drain():
+    settings = with_rules(gracePeriod=GracePeriod("warn"))
+    pod = stunnerd_pod()
+    pod["spec"]["terminationGracePeriodSeconds"] = 120
+    _, mutated = run(pod, settings=settings)
+    verdict, _ = run(mutated, webhook="validate", settings=settings)
+    assert verdict.allowed
+    assert any("drain can hold 115s" in w for w in verdict.warnings)
+
+
+# ---------------------------------------------------------------- drain hook (Pod CREATE)
+
+def test_drain_hook_is_injected_with_a_token_label_and_a_static_https_path():
+    verdict, pod = run(stunnerd_pod())
+    token = pod["metadata"]["labels"][DRAIN_TOKEN_LABEL]
+    assert len(token) == 16
+    assert container(pod)["lifecycle"]["preStop"] == {"httpGet": {
+        "scheme": "HTTPS", "host": DRAIN_HOST, "port": 443, "path": f"/drain/media/{token}"}}
+    assert any("lifecycle.preStop" in w for w in verdict.warnings)
+
+
+def test_existing_token_is_kept_so_reinvocation_is_idempotent():
+    pod = stunnerd_pod()
+    pod["metadata"]["labels"][DRAIN_TOKEN_LABEL] = "feedfacecafebeef"
+    _, mutated = run(pod)
+    assert container(mutated)["lifecycle"]["preStop"]["httpGet"]["path"] == "/drain/media/feedfacecafebeef"
+
+
+def test_a_user_prestop_is_kept_and_drain_is_declared_off():
+    user_hook = {"exec": {"command": ["sleep", "30"]}}
+    verdict, pod = run(stunnerd_pod(lifecycle={"preStop": user_hook}))
+    assert container(pod)["lifecycle"]["preStop"] == user_hook
+    assert DRAIN_TOKEN_LABEL not in pod["metadata"]["labels"]
+    assert pod["metadata"]["annotations"][DRAIN_ANNOTATION].startswith("off:")
+    assert any("drain is off" in w for w in verdict.warnings)
+
+
+def test_without_a_drain_host_injection_is_skipped_with_a_warning():
+    verdict, pod = run(stunnerd_pod(), settings=Settings())
+    assert "lifecycle" not in container(pod)
+    assert any("drain host unknown" in w for w in verdict.warnings)
+
+
+@pytest.mark.parametrize("mode", ["warn", "off"])
+def test_drain_hook_is_not_injected_unless_enforced(mode):
+    _, pod = run(stunnerd_pod(), settings=with_rules(drainHook=Rule(mode)))
+    assert "lifecycle" not in container(pod)
+    assert DRAIN_TOKEN_LABEL not in pod["metadata"]["labels"]
+
+
+# ---------------------------------------------------------------- every mutation explained
+
+def test_every_change_is_listed_in_the_changes_annotation_and_warned():
+    verdict, pod = run(stunnerd_pod(resources={"requests": {"cpu": "4"}}))
+    changes = json.loads(pod["metadata"]["annotations"][CHANGES_ANNOTATION])
+    assert any(c.startswith("spec.containers[stunner-daemon].resources.requests.cpu: 4 -> 1") for c in changes)
+    assert len(verdict.warnings) >= len(changes)
+    assert all(len(w) <= 120 for w in verdict.warnings)
+
+
+def test_changes_annotation_merges_with_earlier_runs():
+    pod = stunnerd_pod(resources={"requests": {"cpu": "4"}})
+    pod["metadata"]["annotations"] = {CHANGES_ANNOTATION: json.dumps(["earlier change"])}
+    _, mutated = run(pod)
+    changes = json.loads(mutated["metadata"]["annotations"][CHANGES_ANNOTATION])
+    assert changes[0] == "earlier change" and len(changes) > 1
+
+
+IDEMPOTENCY_OBJECTS = [
+    pytest.param(stunnerd_pod(resources={"requests": {"cpu": "4"}}, args=["-u", "3"]), id="pod"),
+    pytest.param(stunnerd_pod(lifecycle={"preStop": {"exec": {"command": ["true"]}}}), id="pod-user-hook"),
+] + [
+    pytest.param(doc, id=f"{path.name}:{doc['kind']}")
+    for path in sorted(STUNNER.glob("*.yaml")) if not path.name.startswith(("crd_", "helm_"))
+    for doc in load_yaml_docs(path)
+    if admission.handler_for(doc["apiVersion"].rpartition("/")[0],
+                             doc["apiVersion"].rpartition("/")[2], doc["kind"], "CREATE")
+]
+
+
+@pytest.mark.parametrize("obj", IDEMPOTENCY_OBJECTS)
+def test_mutating_the_mutated_object_gives_an_empty_patch(obj):
+    first, once = run(obj)
+    assert first.allowed
+    second, twice = run(once)
+    assert second.patch == []
+    assert twice == once
+
+
+@pytest.mark.parametrize("obj", IDEMPOTENCY_OBJECTS)
+def test_the_validating_webhook_accepts_what_the_mutating_webhook_produced(obj):
+    _, mutated = run(obj)
+    verdict, _ = run(mutated, webhook="validate")
+    assert verdict.allowed, verdict.message
+
+
+# ---------------------------------------------------------------- Dataplane
+
+def dataplane(api_version="stunner.l7mp.io/v1", **spec) -> dict:
+    return {"apiVersion": api_version, "kind": "Dataplane", "metadata": {"name": "default"},
+            "spec": spec}
+
+
+def test_dataplane_gets_resources_threads_grace_and_metrics():
+    _, dp = run(dataplane(resources={"limits": {"cpu": "1"}}))
+    spec = dp["spec"]
+    assert spec["resources"] == {"limits": {"cpu": "1", "memory": "512Mi"},
+                                 "requests": {"cpu": "500m", "memory": "128Mi"}}
+    # args were unset: the operator's defaults, with the thread count matched to 1 core.
+    assert spec["args"] == ["-w", "--udp-thread-num=8"]
+    assert spec["terminationGracePeriodSeconds"] == 3600
+    assert spec["enableMetricsEndpoint"] is True
+
+
+def test_dataplane_with_operator_default_args_and_two_cores_keeps_args_unset():
+    _, dp = run(dataplane(resources={"limits": {"cpu": 2, "memory": "512Mi"},
+                                     "requests": {"cpu": "500m", "memory": "128Mi"}}))
+    assert "args" not in dp["spec"]
+
+
+def test_v1alpha1_dataplane_has_no_metrics_field_to_set():
+    _, dp = run(dataplane("stunner.l7mp.io/v1alpha1"))
+    assert "enableMetricsEndpoint" not in dp["spec"]
+
+
+def test_dataplane_replicas_fighting_the_hpa_is_a_validation_warning_by_default():
+    obj = dataplane(replicas=3)
+    mutation, mutated = run(obj)
+    verdict, _ = run(mutated, webhook="validate")
+    assert mutated["spec"]["replicas"] == 3
+    assert verdict.allowed
+    assert any("spec.replicas is 3" in w and "hpaReplicas" in w for w in verdict.warnings)
+
+
+def test_dataplane_without_spec_gets_one():
+    obj = {"apiVersion": "stunner.l7mp.io/v1", "kind": "Dataplane", "metadata": {"name": "x"}}
+    _, dp = run(obj)
+    assert dp["spec"]["enableMetricsEndpoint"] is True
+
+
+# ---------------------------------------------------------------- Deployment
+
+def deployment(owned: bool, **container_fields) -> dict:
+    pod = stunnerd_pod(**container_fields)
+    labels = {"stunner.l7mp.io/owned-by": "stunner"} if owned else {}
+    return {"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "udp-gateway", "namespace": "media", "labels": labels},
+            "spec": {"selector": {"matchLabels": {"app": "stunner"}},
+                     "template": {"metadata": {"labels": {"app": "stunner"}}, "spec": pod["spec"]}}}
+
+
+def test_operator_owned_deployment_is_never_mutated():
+    verdict, dep = run(deployment(owned=True, resources={"requests": {"cpu": "4"}}))
+    assert verdict.patch == [] and verdict.warnings == ()
+
+
+def test_operator_owned_deployment_validation_warns_what_pods_will_get():
+    verdict, _ = run(deployment(owned=True, resources={"requests": {"cpu": "4"}}), webhook="validate")
+    assert verdict.allowed
+    assert any("pods will get" in w and "requests.cpu=1" in w for w in verdict.warnings)
+    assert any("set these in the Dataplane" in w for w in verdict.warnings)
+
+
+def test_operator_owned_deployment_is_denied_what_its_pods_would_be_denied():
+    verdict, _ = run(deployment(owned=True, resources={"limits": {"memory": "a lot"}}),
+                     webhook="validate")
+    assert not verdict.allowed
+    assert "resources.limits.memory is 'a lot'" in verdict.message
+
+
+def test_other_stunnerd_deployments_get_their_pod_template_shaped():
+    _, dep = run(deployment(owned=False, resources={}))
+    template = dep["spec"]["template"]["spec"]
+    assert template["containers"][0]["resources"]["requests"]["cpu"] == "500m"
+    assert "lifecycle" not in template["containers"][0]  # drain hook is per pod, at Pod CREATE
+    assert CHANGES_ANNOTATION in dep["metadata"]["annotations"]
+
+
+def test_non_stunnerd_pods_are_untouched():
+    pod = stunnerd_pod(name="nginx", image="nginx:1.27", command=["nginx"])
+    verdict, mutated = run(pod)
+    assert verdict.patch == [] and mutated == pod
+
+
+@pytest.mark.parametrize(("fields", "expected"), [
+    ({"name": "stunnerd", "image": "x", "command": None}, True),
+    ({"name": "app", "image": "registry.local:5000/l7mp/stunnerd@sha256:abc", "command": None}, True),
+    ({"name": "app", "image": "busybox", "command": ["/usr/local/bin/stunnerd"]}, True),
+    ({"name": "app", "image": "stunnerd-exporter:1", "command": None}, False),
+])
+def test_stunnerd_container_detection(fields, expected):
+    from webhooks.stunnerd import is_stunnerd
+
+    assert is_stunnerd(container(stunnerd_pod(**fields))) is expected
+
