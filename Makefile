@@ -24,7 +24,10 @@ install: $(BIN)/.installed ## create .venv and install the service with its dev 
 certs: $(BIN)/.installed ## make the development CA and serving cert in certs/ (kept if present)
 	$(BIN)/python -m webhooks.certs certs
 
+# Locally the drain endpoint is this very server, so injected preStop hooks point here.
 run: certs ## serve HTTPS on 127.0.0.1:$(PORT) with the built-in policy (no cluster needed)
+	STUNNER_GUARD_DRAIN_HOST=$${STUNNER_GUARD_DRAIN_HOST:-127.0.0.1} \
+	STUNNER_GUARD_DRAIN_PORT=$${STUNNER_GUARD_DRAIN_PORT:-$(PORT)} \
 	$(BIN)/gunicorn --config gunicorn.conf.py
 
 test: $(BIN)/.installed ## run the whole test suite, end-to-end tests included

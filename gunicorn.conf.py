@@ -24,3 +24,6 @@ keyfile = os.environ.get("STUNNER_GUARD_KEY_FILE", "certs/tls.key")
 accesslog = os.environ.get("GUNICORN_ACCESSLOG") or None
 errorlog = "-"
 loglevel = os.environ.get("GUNICORN_LOGLEVEL", "info")
+# gunicorn >= 25 opens a control socket under $HOME by default: unused here, it would
+# collide between instances and fail on the chart's read-only root filesystem.
+control_socket_disable = True

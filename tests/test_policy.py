@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import copy
 import json
+
 import jsonpatch
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from tests.conftest import DRAIN_HOST, STUNNER, context, load_yaml_docs, stunnerd_pod, with_rules
 from webhooks import admission
 from webhooks.names import CHANGES_ANNOTATION, DRAIN_ANNOTATION, DRAIN_TOKEN_LABEL
 from webhooks.policy import quantity
 from webhooks.settings import (
-    GracePeriod, LimitsPresent, LimitsSane, ListenerThreads, RequestsMinimal, RequestsPresent,
-    Rule, Settings,
+    GracePeriod,
+    LimitsPresent,
+    LimitsSane,
+    ListenerThreads,
+    RequestsMinimal,
+    RequestsPresent,
+    Rule,
+    Settings,
 )
 
 

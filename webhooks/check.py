@@ -17,6 +17,7 @@ import difflib
 import sys
 import uuid
 from dataclasses import replace
+from pathlib import Path
 from typing import TextIO
 
 import jsonpatch
@@ -91,7 +92,7 @@ def _load(paths: list[str], stdin: TextIO) -> list[tuple[str, dict]]:
     docs = []
     for path in paths:
         try:
-            text = stdin.read() if path == "-" else open(path).read()  # noqa: SIM115
+            text = stdin.read() if path == "-" else Path(path).read_text()
             loaded = list(yaml.safe_load_all(text))
         except (OSError, yaml.YAMLError) as err:
             raise ValueError(f"{path}: {err}") from err

@@ -11,6 +11,7 @@ from webhooks import admission, review
 from webhooks.service import Service
 
 blueprint = Blueprint("stunner_guard", __name__)
+DRAIN_OVERSIZED_FACTOR = 4
 
 
 def _service() -> Service:
@@ -25,9 +26,14 @@ def _admit(webhook: str) -> Response:
     service = _service()
     started = time.perf_counter()
     limit = service.settings.maxBodyBytes
-    # Refuse oversized bodies before reading them.
+    # Refuse oversized bodies before parsing them. A client that is still sending when the
+    # connection closes sees a reset instead of the 413, so a body up to a few times the
+    # limit is read and dropped first; anything larger is cut off.
     if request.content_length is not None and request.content_length > limit:
         service.metrics.bad_requests.labels(webhook, "413").inc()
+        if request.content_length <= DRAIN_OVERSIZED_FACTOR * limit:
+            while request.stream.read(1 << 16):
+                pass
         return _plain(413, f"body of {request.content_length} bytes exceeds the {limit}-byte limit")
     body = request.stream.read(limit + 1)
     try:

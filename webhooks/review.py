@@ -69,7 +69,7 @@ class Request:
         if not name and isinstance(self.object, dict):
             meta = self.object.get("metadata") or {}
             if isinstance(meta, dict):
-                name = meta.get("name") or (meta.get("generateName") or "") + "<generated>"
+                name = meta.get("name") or f"{meta.get('generateName') or ''}<generated>"
         name = name or "<unnamed>"
         return f"{self.kind} {self.namespace}/{name}" if self.namespace else f"{self.kind} {name}"
 
@@ -119,7 +119,7 @@ def parse(body: bytes, limit: int) -> Request:
         raise BadReview(f"body of {len(body)} bytes exceeds the {limit}-byte limit", 413)
     try:
         review = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as err:
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise BadReview(f"body is not JSON: {err}") from None
     if not isinstance(review, dict):
         raise BadReview("body is not a JSON object")

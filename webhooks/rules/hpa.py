@@ -36,7 +36,7 @@ def review(obj: dict, ctx: Context) -> Outcome:
     name = target["name"]
     outcome = Outcome()
     deployment = _read(ctx, outcome, lambda kube: kube.read_deployment(ctx.namespace, name),
-                       f"Deployment {ctx.namespace}/{name}")
+                       f"Deployment {ctx.namespace}/{name}", "HPA feasibility not checked")
     if deployment is None:
         return outcome
     spec = template_spec(deployment)
@@ -49,7 +49,8 @@ def review(obj: dict, ctx: Context) -> Outcome:
     return outcome
 
 
-def _read(ctx: Context, outcome: Outcome, read, what: str) -> dict | None:
+def _read(ctx: Context, outcome: Outcome, read, what: str,
+          if_missing: str | None = None) -> dict | None:
     if ctx.kube is None:
         outcome.warnings.append(f"stunner-guard has no Kubernetes API access; {what} not checked")
         ctx.on_kube_unreachable()
@@ -60,8 +61,8 @@ def _read(ctx: Context, outcome: Outcome, read, what: str) -> dict | None:
         outcome.warnings.append(f"stunner-guard could not read {what} ({err}); not checked")
         ctx.on_kube_unreachable()
         return None
-    if found is None:
-        outcome.warnings.append(f"{what} not found; HPA feasibility not checked")
+    if found is None and if_missing:
+        outcome.warnings.append(f"{what} not found; {if_missing}")
     return found
 
 

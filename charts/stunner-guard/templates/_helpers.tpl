@@ -130,12 +130,31 @@ matchExpressions:
 {{- end }}
 
 {{/*
-CEL for the webhooks' matchConditions: is `c` a stunnerd container? Mirrors the guard's own
-test (DESIGN.md): named stunner-daemon (operator) or stunnerd, or its image repository ends
-in "stunnerd" (tag and digest stripped; a registry port is not a tag), or command[0] is
-stunnerd. `object` is untyped in webhook matchConditions, so every optional field is
-guarded with has(): an evaluation error would apply the failure policy.
+CEL for the webhooks' matchConditions: is `c` a stunnerd container? The same test as the
+guard's own webhooks.stunnerd.is_stunnerd (tests/test_chart.py compares them): named
+stunner-daemon (operator) or stunnerd, or its image repository (tag and digest stripped; a
+registry port is not a tag) ends in "stunnerd", or command[0] is stunnerd or a path to it.
+`object` is untyped in webhook matchConditions, so every optional field is guarded with
+has(): an evaluation error would apply the failure policy.
+https://kubernetes.io/docs/reference/access-authn-authz/extensible-admission-controllers/#matching-requests-matchconditions
 */}}
 {{- define "stunner-guard.celIsStunnerd" -}}
-c.name in ['stunner-daemon', 'stunnerd'] || (has(c.image) && c.image.matches('^([^@]*/)?[^/:@]*stunnerd(:[^/@]+)?(@.+)?$')) || (has(c.command) && size(c.command) > 0 && c.command[0] == 'stunnerd')
+c.name in ['stunner-daemon', 'stunnerd'] || (has(c.image) && c.image.matches('^([^@]*/)?[^/:@]*stunnerd(:[^/:@]*)?(@.*)?$')) || (has(c.command) && size(c.command) > 0 && (c.command[0] == 'stunnerd' || c.command[0].endsWith('/stunnerd')))
+{{- end }}
+
+{{/*
+Settings every webhook shares:
+- sideEffects None: the guard changes nothing but the admitted object, so dry-run requests
+  (kubectl --dry-run=server) reach it too;
+- admissionReviewVersions v1: the only version the guard speaks;
+- timeoutSeconds from values: short, the webhook is in the path of every stunnerd change;
+- matchPolicy Equivalent: requests for another version of a listed resource (e.g.
+  autoscaling/v1 HPAs) are converted to the listed version and sent too, so no API version
+  bypasses the guard.
+*/}}
+{{- define "stunner-guard.webhookCommon" -}}
+sideEffects: None
+admissionReviewVersions: ["v1"]
+timeoutSeconds: {{ .Values.webhooks.timeoutSeconds }}
+matchPolicy: Equivalent
 {{- end }}

@@ -1,0 +1,69 @@
+"""Run the real gunicorn server (same gunicorn.conf.py as `make run`) for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+GUNICORN = Path(sys.executable).parent / "gunicorn"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def gunicorn(certs: Path, env: dict[str, str] | None = None, home: Path | None = None,
+             ready_within: float = 15.0):
+    """Start gunicorn over TLS on a free loopback port; yield (base URL, process).
+
+    The environment is the caller's plus ``env``; no KUBECONFIG unless given, and HOME is
+    a scratch folder so a developer's ~/.kube/config is never picked up."""
+    port = free_port()
+    full_env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
+    full_env.update(
+        PORT=str(port),
+        BIND="127.0.0.1",
+        STUNNER_GUARD_CERT_FILE=str(certs / "tls.crt"),
+        STUNNER_GUARD_KEY_FILE=str(certs / "tls.key"),
+        HOME=str(home or certs),
+    )
+    full_env.update(env or {})
+    process = subprocess.Popen(
+        [str(GUNICORN), "--config", "gunicorn.conf.py"], cwd=REPO, env=full_env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    base = f"https://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ready_within
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"gunicorn exited {process.returncode}:\n{process.stdout.read()}")
+            try:
+                if requests.get(f"{base}/healthz", verify=str(certs / "ca.crt"), timeout=1).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("gunicorn did not answer /healthz in time")
+            time.sleep(0.05)
+        yield base, process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stdout:
+            process.stdout.close()
