@@ -419,3 +419,15 @@ def test_stunnerd_container_detection(fields, expected):
 
     assert is_stunnerd(container(stunnerd_pod(**fields))) is expected
 
+
+
+def test_operator_owned_advice_derives_threads_from_the_limit_the_pods_will_get():
+    verdict, _ = run(deployment(owned=True, args=["-w", "--udp-thread-num=16"],
+                                resources={"limits": {"cpu": "8"}}), webhook="validate")
+    assert any("limits.cpu=2" in w for w in verdict.warnings)
+    # 8 cores would mean 64 -> capped 16 (no advice); the pods' 2 cores mean 16 too.
+    assert not any("--udp-thread-num" in w for w in verdict.warnings)
+    verdict, _ = run(deployment(owned=True, args=["-w", "--udp-thread-num=16"],
+                                resources={"limits": {"cpu": "8"}, "requests": {"cpu": "1"}}),
+                     webhook="validate", settings=with_rules(limitsSane=LimitsSane(maxCpu="1")))
+    assert any("--udp-thread-num=8" in w for w in verdict.warnings)

@@ -91,7 +91,10 @@ class Shaper:
                 f"(rule {name}, mode enforce)"
             )
         elif self.how == ADVISE and rule.enforced:
+            # Applied to the validating webhook's scratch copy only, so that later rules
+            # (threads from the capped CPU limit) advise what the pods will really get.
             self.warnings.append(f"pods will get {where}={show(after)} ({name}: {why})")
+            return True
         else:
             self.warnings.append(f"{where} is {show(before)}: {why}, want {show(after)} ({name})")
         return False
