@@ -39,8 +39,8 @@ class ManifestLookup:
 
     def _find(self, api_version: str, kind: str, namespace: str | None, name: str):
         for obj in self.objects:
-            meta = obj.get("metadata") or {}
-            if (obj.get("kind") == kind and obj.get("apiVersion", "").startswith(api_version)
+            meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+            if (obj.get("kind") == kind and str(obj.get("apiVersion")).startswith(api_version)
                     and meta.get("name") == name
                     and (namespace is None or (meta.get("namespace") or "default") == namespace)):
                 return obj

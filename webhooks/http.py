@@ -60,6 +60,20 @@ def validate() -> Response:
     return _admit(admission.VALIDATE)
 
 
+@blueprint.get("/drain/<namespace>/<token>")
+def drain(namespace: str, token: str) -> Response:
+    """kubelet's preStop httpGet: held until the pod's allocations are gone (drain.py)."""
+    answer = _service().drainer.drain(namespace, token)
+    response = jsonify(answer.body())
+    response.status_code = answer.status
+    return response
+
+
+@blueprint.get("/drains")
+def drains() -> Response:
+    return jsonify(_service().drainer.in_progress())
+
+
 @blueprint.get("/healthz")
 def healthz() -> Response:
     return _plain(200, "ok")

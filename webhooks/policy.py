@@ -34,16 +34,21 @@ MUTATE, STRICT, ADVISE = "mutate", "strict", "advise"
 RESOURCES = ("cpu", "memory")
 
 
+# The CRD's quantity pattern admits "1e999999999"; nothing real is above 2^63 (the
+# apiserver's own int64 bound), and bounding it keeps arithmetic on it cheap.
+MAX_QUANTITY = Decimal(2**63 - 1)
+
+
 def quantity(value: Any) -> Decimal | None:
     """A Kubernetes quantity (``500m``, ``0.5``, ``1Gi``, ``2``, ``1e3``) as a Decimal;
-    None when it does not parse or is negative."""
+    None when it does not parse, is negative, or is absurdly large."""
     if isinstance(value, bool):
         return None
     try:
         parsed = parse_quantity(value)
     except (ValueError, TypeError, ArithmeticError):
         return None
-    return parsed if parsed.is_finite() and parsed >= 0 else None
+    return parsed if parsed.is_finite() and 0 <= parsed <= MAX_QUANTITY else None
 
 
 def format_cores(cores: Decimal) -> str:

@@ -1,9 +1,11 @@
-"""What one running stunner-guard process holds: settings, API access, metrics."""
+"""What one running stunner-guard process holds: settings, API access, metrics, and the
+drainer (with its pod watch, started on the first drain call)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from webhooks.drain import Drainer
 from webhooks.kube import Kube
 from webhooks.metrics import Metrics
 from webhooks.settings import Settings
@@ -14,6 +16,16 @@ class Service:
     settings: Settings
     kube: Kube | None
     metrics: Metrics = field(default_factory=Metrics)
+    drainer: Drainer = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.drainer = Drainer(self.settings, self.kube, self.metrics)
+
+    def close(self) -> None:
+        """Stop the drainer's threads (answering drains still held) and the API client."""
+        self.drainer.close()
+        if self.kube is not None:
+            self.kube.close()
 
     def not_ready_reason(self) -> str | None:
         """Why the service must not receive traffic yet, or None when ready."""

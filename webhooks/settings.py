@@ -2,7 +2,7 @@
 
 Two sources:
 - the policy file (YAML, path in ``STUNNER_GUARD_POLICY_FILE``; the Helm chart renders it
-  from ``.Values.policy`` and ``.Values.drain`` into a ConfigMap) over the built-in
+  from ``.Values.policy.rules`` and ``.Values.policy.drain`` into a ConfigMap) over the built-in
   defaults below, which come from STUNner's own scaling guidance (DESIGN.md "Policy");
 - environment variables for everything about where the service runs.
 
@@ -120,22 +120,31 @@ class Policy:
 
 @dataclass(frozen=True)
 class DrainSettings:
-    """The drain endpoint (DESIGN.md "The drain (preStop) protocol")."""
+    """The drain endpoint (DESIGN.md "The drain (preStop) protocol"); policy file key
+    ``drain:`` (Helm ``.Values.policy.drain``)."""
 
+    # How often a held drain reads the pod's allocation count (at most one read per pod
+    # per interval, however many duplicate calls wait on it).
     pollIntervalSeconds: float = 1.0
     # Answer this long before deletionTimestamp so stunnerd still gets SIGTERM time.
     marginSeconds: float = 5.0
-    # stunnerd's metrics port (Dataplane.spec.enableMetricsEndpoint).
+    # stunnerd's metrics port and path (Dataplane.spec.enableMetricsEndpoint).
     metricsPort: int = 8080
     metricsPath: str = "/metrics"
+    # One metrics read, connect to last byte; a slower endpoint is a failed read.
     scrapeTimeoutSeconds: float = 0.5
+    # A larger metrics page is a failed read (stunnerd's is a few KiB).
     maxMetricsBytes: int = 1 << 20
     # Consecutive failed metric reads after which the drain gives up.
     maxFailedReads: int = 3
-    # Held drains occupy gunicorn threads; calls beyond this cap get 503 at once.
+    # Metrics reads in flight at once across all drains.
+    scrapeConcurrency: int = 32
+    # Held drain calls occupy gunicorn threads; calls beyond this cap get 503 at once.
+    # gunicorn.conf.py sizes its thread pool as this plus threads kept for admission.
     maxConcurrent: int = 1000
-    # How long to wait for the pod watch / a fresh API read to show a deletionTimestamp
-    # before answering 404/409 (kubelet calls 50-120 ms after the delete).
+    # How long a drain call may wait for the pod watch's first list, and, when a fresh
+    # API read cannot be made, for the watch to show the deletionTimestamp (kubelet calls
+    # 50-120 ms after the delete) before answering.
     confirmSeconds: float = 2.0
 
 
@@ -270,6 +279,8 @@ def _check_drain(d: DrainSettings) -> None:
         raise PolicyError(f"drain.metricsPort: {d.metricsPort} is not a port number")
     if d.maxFailedReads < 1:
         raise PolicyError("drain.maxFailedReads: must be at least 1")
+    if d.scrapeConcurrency < 1:
+        raise PolicyError("drain.scrapeConcurrency: must be at least 1")
     if not d.metricsPath.startswith("/"):
         raise PolicyError(f"drain.metricsPath: {d.metricsPath!r} must start with /")
 

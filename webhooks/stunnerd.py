@@ -33,7 +33,8 @@ def is_stunnerd(container: Any) -> bool:
     stunnerd image or binary."""
     if not isinstance(container, dict):
         return False
-    if container.get("name") in CONTAINER_NAMES:
+    name = container.get("name")
+    if isinstance(name, str) and name in CONTAINER_NAMES:
         return True
     if image_repository(container.get("image")).endswith("stunnerd"):
         return True

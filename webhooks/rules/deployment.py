@@ -22,8 +22,7 @@ TEMPLATE = "spec.template.spec"
 
 
 def operator_owned(obj: dict) -> bool:
-    labels = (obj.get("metadata") or {}).get("labels")
-    return isinstance(labels, dict) and labels.get(OPERATOR_OWNED_LABEL) == OPERATOR_OWNED_VALUE
+    return get_in(obj, "metadata", "labels", OPERATOR_OWNED_LABEL) == OPERATOR_OWNED_VALUE
 
 
 def template_spec(obj: dict) -> dict | None:
