@@ -5,8 +5,11 @@
 # webhooks/settings.py for every variable.
 FROM python:3.11-slim
 
+# PYTHONPATH: app.py and webhooks/ are copied, not installed (gunicorn also puts its
+# working directory on sys.path before it reads gunicorn.conf.py, which imports webhooks).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    PYTHONPATH=/app \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore

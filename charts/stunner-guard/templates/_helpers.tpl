@@ -132,14 +132,15 @@ matchExpressions:
 {{/*
 CEL for the webhooks' matchConditions: is `c` a stunnerd container? The same test as the
 guard's own webhooks.stunnerd.is_stunnerd (tests/test_chart.py compares them): named
-stunner-daemon (operator) or stunnerd, or its image repository (tag and digest stripped; a
-registry port is not a tag) ends in "stunnerd", or command[0] is stunnerd or a path to it.
+stunner-daemon (operator) or stunnerd, or its image repository ends in "stunnerd", or
+command[0] is stunnerd or a path to it. The image regex strips the digest (from the first
+"@") and the tag (after the last ":", when no "/" follows it: a registry port is not a tag).
 `object` is untyped in webhook matchConditions, so every optional field is guarded with
 has(): an evaluation error would apply the failure policy.
 https://kubernetes.io/docs/reference/access-authn-authz/extensible-admission-controllers/#matching-requests-matchconditions
 */}}
 {{- define "stunner-guard.celIsStunnerd" -}}
-c.name in ['stunner-daemon', 'stunnerd'] || (has(c.image) && c.image.matches('^([^@]*/)?[^/:@]*stunnerd(:[^/:@]*)?(@.*)?$')) || (has(c.command) && size(c.command) > 0 && (c.command[0] == 'stunnerd' || c.command[0].endsWith('/stunnerd')))
+c.name in ['stunner-daemon', 'stunnerd'] || (has(c.image) && c.image.matches('^([^@]*stunnerd:[^/:@]*|([^@]*/)?[^/:@]*stunnerd)(@.*)?$')) || (has(c.command) && size(c.command) > 0 && (c.command[0] == 'stunnerd' || c.command[0].endsWith('/stunnerd')))
 {{- end }}
 
 {{/*
