@@ -31,19 +31,20 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import heapq
-import http.client
 import itertools
 import logging
 import math
+import os
 import queue
 import random
 import re
+import selectors
 import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -215,7 +216,6 @@ class MetricAbsent(Exception):
 _ALLOCATION_LINES = (
     f"{ALLOCATIONS_METRIC} ",
     f"{ALLOCATIONS_METRIC}{{",
-    f"# HELP {ALLOCATIONS_METRIC} ",
     f"# TYPE {ALLOCATIONS_METRIC} ",
 )
 
@@ -248,65 +248,149 @@ def allocations_from_text(text: str) -> int:
     return round(total)
 
 
-class _TooLarge(Exception):
-    pass
-
-
-def _read_body(sock: socket.socket, response, deadline: float, limit: int) -> bytes:
-    """The body, read under one total deadline (a per-recv timeout would let an endpoint
-    that trickles a byte at a time hold the read forever) and at most ``limit`` bytes."""
-    chunks, size = [], 0
+def _dechunk(body: bytes) -> bytes:
+    """A ``Transfer-Encoding: chunked`` body (Go's net/http chunks pages it does not
+    know the length of). ValueError when the chunks do not add up."""
+    out, at = bytearray(), 0
     while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError
-        sock.settimeout(remaining)
-        chunk = response.read1(65536)
-        if not chunk:
-            return b"".join(chunks)
-        size += len(chunk)
-        if size > limit:
-            raise _TooLarge(f"more than {limit} bytes")  # stop reading: never buffer it all
-        chunks.append(chunk)
+        line_end = body.index(b"\r\n", at)
+        size = int(body[at:line_end].split(b";", 1)[0], 16)
+        if size == 0:
+            return bytes(out)
+        start = line_end + 2
+        if len(body) < start + size:
+            raise ValueError("chunked body cut off")
+        out += body[start : start + size]
+        at = start + size + 2
+
+
+def reading_from_answer(raw: bytes, where: str) -> Reading:
+    """The Reading an HTTP answer (read to the connection's end) amounts to."""
+    head, separator, body = raw.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.split(b"\r\n")
+    parts = status_line.split(b" ", 2)
+    if not separator or len(parts) < 2 or not parts[0].startswith(b"HTTP/"):
+        return Reading(problem=f"{where} did not send an HTTP answer")
+    if parts[1] != b"200":
+        return Reading(problem=f"{where} answered HTTP {parts[1].decode(errors='replace')}")
+    headers = {}
+    for line in header_lines:
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower()] = value.strip().lower()
+    try:
+        if headers.get(b"transfer-encoding") == b"chunked":
+            body = _dechunk(body)
+        elif int(headers.get(b"content-length", len(body))) > len(body):
+            return Reading(problem=f"{where} closed the connection mid-answer")
+        return Reading(allocations=allocations_from_text(body.decode("utf-8")))
+    except MetricAbsent as err:
+        return Reading(problem=f"{where}: {err} (metrics endpoint off?)", fatal=True)
+    except ValueError as err:  # UnicodeDecodeError included
+        return Reading(problem=f"{where} is not Prometheus text: {str(err)[:120]}")
+
+
+class MetricsRead:
+    """One non-blocking ``GET <metricsPath>`` of a pod's stunnerd metrics, driven by a
+    selector: a thousand held drains are a thousand of these a second in one thread, not
+    a thread each. ``result`` is set once it is over; the whole read, connect to last byte,
+    has one deadline (a per-recv timeout would let an endpoint that trickles a byte at a
+    time hold it forever) and at most ``maxMetricsBytes`` are kept."""
+
+    def __init__(self, ip: str, drain: DrainSettings, now: float) -> None:
+        self.where = f"{ip}:{drain.metricsPort}{drain.metricsPath}"
+        self.deadline = now + drain.scrapeTimeoutSeconds
+        self.timeout = drain.scrapeTimeoutSeconds
+        self.limit = drain.maxMetricsBytes
+        host = f"[{ip}]" if ":" in ip else ip
+        self.request = (
+            f"GET {drain.metricsPath} HTTP/1.1\r\nHost: {host}:{drain.metricsPort}\r\n"
+            "User-Agent: stunner-guard\r\nAccept: text/plain;version=0.0.4\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode()
+        self.answer = bytearray()
+        self.result: Reading | None = None
+        self.sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET)
+        self.sock.setblocking(False)
+        error = self.sock.connect_ex((ip, drain.metricsPort))
+        if error not in (0, errno.EINPROGRESS):
+            self._connect_failed(error)
+        else:
+            # On a pod network the connection is often up already: send at once, and save
+            # the drain loop a wake-up per read.
+            self._send()
+
+    @property
+    def events(self) -> int:
+        """What to wait for: the connection (writable) until the request is sent."""
+        return selectors.EVENT_WRITE if self.request else selectors.EVENT_READ
+
+    def step(self) -> None:
+        """Make progress after the selector said the socket is ready."""
+        if self.request:
+            self._send()
+        else:
+            self._receive()
+
+    def _send(self) -> None:
+        try:
+            sent = self.sock.send(self.request)
+        except (BlockingIOError, InterruptedError):
+            return  # still connecting: wait until writable
+        except OSError as err:
+            if err.errno != errno.ENOTCONN:
+                self._connect_failed(err.errno)
+            elif error := self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                self._connect_failed(error)
+            return
+        self.request = self.request[sent:]
+
+    def _receive(self) -> None:
+        """Everything there is to read now, up to the end of the answer."""
+        while self.result is None:
+            try:
+                data = self.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:
+                self._connect_failed(err.errno)  # refused shows here when sent at once
+                return
+            if not data:
+                self.result = reading_from_answer(bytes(self.answer), self.where)
+            elif len(self.answer) + len(data) > self.limit:
+                limit = self.limit
+                self.result = Reading(problem=f"{self.where} sent more than the {limit}-byte limit")
+            else:
+                self.answer += data
+
+    def expire(self) -> None:
+        if self.result is None:
+            self.result = Reading(problem=f"{self.where} did not answer within {self.timeout:g} s")
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _connect_failed(self, error: int | None) -> None:
+        if error == errno.ECONNREFUSED:
+            problem = f"connection refused by {self.where} (metrics endpoint off?)"
+            self.result = Reading(problem=problem, fatal=True)
+        else:
+            self.result = Reading(problem=f"{self.where}: {os.strerror(error or errno.EIO)}")
 
 
 def read_allocations(ip: str, drain: DrainSettings) -> Reading:
-    """Read ``stunner_allocations_active`` from ``http://<ip>:<metricsPort><metricsPath>``.
-    Refused or absent metrics cannot be observed at all; a slow, oversized, failing or
-    garbled endpoint is a failed read."""
-    where = f"{ip}:{drain.metricsPort}{drain.metricsPath}"
-    timeout = drain.scrapeTimeoutSeconds
-    deadline = time.monotonic() + timeout
-    connection = http.client.HTTPConnection(ip, drain.metricsPort, timeout=timeout)
-    try:
-        connection.connect()
-        # The connection forgets its socket once a "Connection: close" response arrives;
-        # the body is still read from it.
-        sock = connection.sock
-        connection.request(
-            "GET",
-            drain.metricsPath,
-            headers={"Accept": "text/plain;version=0.0.4", "User-Agent": "stunner-guard"},
-        )
-        response = connection.getresponse()
-        if response.status != 200:
-            return Reading(problem=f"{where} answered HTTP {response.status}")
-        body = _read_body(sock, response, deadline, drain.maxMetricsBytes)
-        return Reading(allocations=allocations_from_text(body.decode("utf-8")))
-    except ConnectionRefusedError:
-        return Reading(problem=f"connection refused by {where} (metrics endpoint off?)", fatal=True)
-    except MetricAbsent as err:
-        return Reading(problem=f"{where}: {err} (metrics endpoint off?)", fatal=True)
-    except TimeoutError:
-        return Reading(problem=f"{where} did not answer within {timeout:g} s")
-    except _TooLarge as err:
-        return Reading(problem=f"{where} sent {err}, over the {drain.maxMetricsBytes}-byte limit")
-    except ValueError as err:  # UnicodeDecodeError included
-        return Reading(problem=f"{where} is not Prometheus text: {str(err)[:120]}")
-    except (OSError, http.client.HTTPException) as err:
-        return Reading(problem=f"{where}: {type(err).__name__}: {err}")
-    finally:
-        connection.close()
+    """One read on its own (the drainer runs many at once in its loop instead)."""
+    read = MetricsRead(ip, drain, time.monotonic())
+    with selectors.DefaultSelector() as selector:
+        selector.register(read.sock, read.events)
+        while read.result is None:
+            remaining = read.deadline - time.monotonic()
+            if remaining <= 0:
+                read.expire()
+            elif selector.select(remaining):
+                read.step()
+                selector.modify(read.sock, read.events)
+    read.close()
+    return read.result
 
 
 # --------------------------------------------------------------------------- the pod watch
@@ -532,7 +616,7 @@ class Waiter:
     deadline_at: float  # epoch seconds
     allocations: int | None = None
     failed_reads: int = 0
-    scraping: bool = False
+    read: MetricsRead | None = None  # in flight
     next_scrape: float = 0.0  # monotonic
     plan: int = 0  # the scheduler entry that is current for this waiter
     answer: Answer | None = None
@@ -540,8 +624,9 @@ class Waiter:
 
 
 class Drainer:
-    """Answers drain calls; owns the pod watch, the scheduler, the metric readers and the
-    event recorder, all started on the first call (``create_app`` stays fast)."""
+    """Answers drain calls; owns the pod watch, the drain loop (one thread: every waiter's
+    schedule and every metrics read, non-blocking) and the event recorder, all started on
+    the first call (``create_app`` stays fast)."""
 
     def __init__(
         self,
@@ -564,7 +649,11 @@ class Drainer:
         self._closed = False
         self.watcher = PodWatcher(kube, settings, self._pod_changed) if kube else None
         self.events = EventRecorder(kube, self.instance) if kube else None
-        self._readers: ThreadPoolExecutor | None = None
+        # The drain loop's own: only its thread touches the selector and the read sockets.
+        self._selector: selectors.BaseSelector | None = None
+        self._wake_up: tuple[socket.socket, socket.socket] | None = None
+        self._loop_ident: int | None = None
+        self._abandoned: list[MetricsRead] = []  # reads of answered waiters, to close
 
     # ---------------------------------------------------------------- the call
 
@@ -612,13 +701,11 @@ class Drainer:
             self._closed = True
             for waiter in list(self._waiters.values()):
                 self._finish(waiter, STOPPED, "stunner-guard is shutting down")
-            self._lock.notify_all()
+            self._wake()
         if self.watcher:
             self.watcher.stop()
         if self.events:
             self.events.close()
-        if self._readers:
-            self._readers.shutdown(wait=False, cancel_futures=True)
 
     # ---------------------------------------------------------------- before holding
 
@@ -649,15 +736,19 @@ class Drainer:
             self._held -= 1
 
     def start(self) -> None:
-        """Start the pod watch, the scheduler and the readers (the first call does it)."""
+        """Start the pod watch and the drain loop (the first call does it)."""
         with self._lock:
             if self._started or self.kube is None:
                 return
             self._started = True
-            self._readers = ThreadPoolExecutor(
-                self.drain_settings.scrapeConcurrency, thread_name_prefix="drain-read"
-            )
-            threading.Thread(target=self._run_schedule, name="drain-schedule", daemon=True).start()
+            self._selector = selectors.DefaultSelector()
+            self._wake_up = socket.socketpair()
+            for end in self._wake_up:
+                end.setblocking(False)
+            self._selector.register(self._wake_up[0], selectors.EVENT_READ, None)
+            loop = threading.Thread(target=self._run_loop, name="drain-loop", daemon=True)
+            loop.start()
+            self._loop_ident = loop.ident
         self.watcher.start()
 
     def _terminating_pod(self, namespace: str, token: str) -> DrainPod | Answer:
@@ -698,8 +789,8 @@ class Drainer:
         if isinstance(pod, Answer):
             return pod
         waiter = self._join(pod)
-        # The scheduler ends every wait at its deadline; this bound only guards against a
-        # scheduler that died, so that the hook is never held past the deadline for long.
+        # The drain loop ends every wait at its deadline; this bound only guards against a
+        # loop that died, so that the hook is never held past the deadline for long.
         d = self.drain_settings
         slack = d.pollIntervalSeconds + d.scrapeTimeoutSeconds + 1.0
         if not waiter.done.wait(max(0.0, waiter.deadline - time.monotonic()) + slack):
@@ -735,49 +826,93 @@ class Drainer:
                 self._plan(waiter)
             return waiter
 
-    # ---------------------------------------------------------------- the scheduler
+    # ---------------------------------------------------------------- the drain loop
 
     def _plan(self, waiter: Waiter) -> None:
-        """Schedule the waiter's next step: its next read, or its deadline while a read is
-        in flight. Lock held."""
-        wake = waiter.deadline if waiter.scraping else min(waiter.next_scrape, waiter.deadline)
+        """Schedule the waiter's next step: its next read, or, while a read is in flight,
+        that read's deadline; never later than the drain's deadline. Lock held."""
+        wake = waiter.read.deadline if waiter.read else waiter.next_scrape
         waiter.plan = next(self._sequence)
-        heapq.heappush(self._schedule, (wake, waiter.plan, waiter))
-        self._lock.notify_all()
+        heapq.heappush(self._schedule, (min(wake, waiter.deadline), waiter.plan, waiter))
+        if threading.get_ident() != self._loop_ident:
+            self._wake()
 
-    def _run_schedule(self) -> None:
-        with self._lock:
-            while not self._closed:
+    def _wake(self) -> None:
+        if self._wake_up is not None:
+            with contextlib.suppress(OSError):  # full: a wake-up is already pending
+                self._wake_up[1].send(b"\0")
+
+    def _run_loop(self) -> None:
+        """Every waiter's schedule and every metrics read, in one thread."""
+        selector = self._selector
+        while True:
+            with self._lock:
+                if self._closed:
+                    break
                 now = time.monotonic()
                 while self._schedule and self._schedule[0][0] <= now:
                     _, plan, waiter = heapq.heappop(self._schedule)
                     if waiter.answer is None and plan == waiter.plan:
                         self._step(waiter, now)
-                delay = self._schedule[0][0] - now if self._schedule else None
-                self._lock.wait(delay)
+                timeout = max(0.0, self._schedule[0][0] - now) if self._schedule else None
+                abandoned, self._abandoned = self._abandoned, []
+            for read in abandoned:
+                self._close_read(read)
+            for key, _ in selector.select(timeout):
+                if key.data is None:
+                    with contextlib.suppress(OSError):
+                        key.fileobj.recv(4096)
+                    continue
+                waiter, read = key.data
+                waited_for = read.events
+                read.step()  # the socket's I/O, outside the lock
+                if read.result is None:
+                    if read.events != waited_for:
+                        selector.modify(read.sock, read.events, key.data)
+                    continue
+                with self._lock:
+                    if waiter.read is read:
+                        self._end_read(waiter, read)
+        for key in list(selector.get_map().values()):
+            key.fileobj.close()
+        selector.close()
+        self._wake_up[1].close()
 
     def _step(self, waiter: Waiter, now: float) -> None:
+        """Whatever is due for this waiter. Lock held, drain loop thread."""
+        read = waiter.read
         if now >= waiter.deadline:
             self._finish_at_deadline(waiter)
+        elif read is not None and now >= read.deadline:
+            read.expire()
+            self._end_read(waiter, read)
+        elif read is None and now >= waiter.next_scrape:
+            self._begin_read(waiter, now)
+        else:
+            self._plan(waiter)
+
+    def _begin_read(self, waiter: Waiter, now: float) -> None:
+        read = waiter.read = MetricsRead(waiter.pod.ip, self.drain_settings, now)
+        if read.result is not None:  # refused at once
+            self._end_read(waiter, read)
             return
-        if not waiter.scraping and now >= waiter.next_scrape:
-            # At most one read per pod per poll interval, however many calls wait on it.
-            waiter.scraping = True
-            waiter.next_scrape = now + self.drain_settings.pollIntervalSeconds
-            self._readers.submit(self._read, waiter, waiter.pod.ip)
+        self._selector.register(read.sock, read.events, (waiter, read))
         self._plan(waiter)
 
-    def _read(self, waiter: Waiter, ip: str) -> None:
-        try:
-            reading = read_allocations(ip, self.drain_settings)
-        except Exception as err:  # a bug here must not leave the waiter without reads
-            log.exception("reading allocations of %s", waiter.pod.ref)
-            reading = Reading(problem=f"{type(err).__name__}: {err}")
-        self.metrics.metric_scrapes.labels(reading.result).inc()
-        with self._lock:
-            waiter.scraping = False
-            if waiter.answer is None:
-                self._take_reading(waiter, reading)
+    def _end_read(self, waiter: Waiter, read: MetricsRead) -> None:
+        self._close_read(read)
+        waiter.read = None
+        # The next read one interval after this one ended: at most one read reaches the pod
+        # per poll interval, however many calls wait on it and however late this one was.
+        waiter.next_scrape = time.monotonic() + self.drain_settings.pollIntervalSeconds
+        self.metrics.metric_scrapes.labels(read.result.result).inc()
+        if waiter.answer is None:
+            self._take_reading(waiter, read.result)
+
+    def _close_read(self, read: MetricsRead) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(read.sock)
+        read.close()
 
     def _take_reading(self, waiter: Waiter, reading: Reading) -> None:
         pod = waiter.pod
@@ -848,6 +983,11 @@ class Drainer:
         """Answer every call waiting on this pod (once). Lock held."""
         if waiter.answer is not None:
             return
+        if waiter.read is not None:
+            # Only the drain loop may close its sockets: hand the read back to it.
+            self._abandoned.append(waiter.read)
+            waiter.read = None
+            self._wake()
         seconds = time.monotonic() - waiter.started
         waiter.answer = Answer(outcome, message, waiter.pod.ref, waiter.allocations, seconds)
         if self._waiters.get(waiter.pod.key) is waiter:

@@ -102,8 +102,34 @@ def denied(message: str, warnings: list[str] | tuple[str, ...] = ()) -> Verdict:
 def patched(original: Any, desired: Any, warnings: list[str] | tuple[str, ...] = ()) -> Verdict:
     """Allowed, with the JSONPatch that turns ``original`` (the dict that came in the
     request) into ``desired``; jsonpatch writes the pointers and escaping."""
-    ops = jsonpatch.make_patch(original, desired).patch
+    before, after = _without_equal_members(original, desired)
+    ops = jsonpatch.make_patch(before, after).patch
     return Verdict(True, tuple(warnings), patch=ops)
+
+
+def _without_equal_members(a: Any, b: Any) -> tuple[Any, Any]:
+    """Both trees minus the map members that are equal on both sides, recursively.
+
+    jsonpatch's diff walks and serializes every member; most of an object (managedFields,
+    volumes, probes, env) is never touched by a mutation, and ``==`` on it runs in C.
+    Only map members are dropped, never list items, so every JSON pointer in the diff of
+    the pruned trees is the same as in the diff of the whole ones."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        pruned_a, pruned_b = {}, {}
+        for key in a.keys() | b.keys():
+            if key in a and key in b:
+                if a[key] == b[key]:
+                    continue
+                pruned_a[key], pruned_b[key] = _without_equal_members(a[key], b[key])
+            elif key in a:
+                pruned_a[key] = a[key]
+            else:
+                pruned_b[key] = b[key]
+        return pruned_a, pruned_b
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        pairs = [_without_equal_members(x, y) for x, y in zip(a, b, strict=True)]
+        return [x for x, _ in pairs], [y for _, y in pairs]
+    return a, b
 
 
 def _require(mapping: dict, key: str, kind: type, where: str) -> Any:

@@ -137,8 +137,6 @@ class DrainSettings:
     maxMetricsBytes: int = 1 << 20
     # Consecutive failed metric reads after which the drain gives up.
     maxFailedReads: int = 3
-    # Metrics reads in flight at once across all drains.
-    scrapeConcurrency: int = 32
     # Held drain calls occupy gunicorn threads; calls beyond this cap get 503 at once.
     # gunicorn.conf.py sizes its thread pool as this plus threads kept for admission.
     maxConcurrent: int = 1000
@@ -279,8 +277,6 @@ def _check_drain(d: DrainSettings) -> None:
         raise PolicyError(f"drain.metricsPort: {d.metricsPort} is not a port number")
     if d.maxFailedReads < 1:
         raise PolicyError("drain.maxFailedReads: must be at least 1")
-    if d.scrapeConcurrency < 1:
-        raise PolicyError("drain.scrapeConcurrency: must be at least 1")
     if not d.metricsPath.startswith("/"):
         raise PolicyError(f"drain.metricsPath: {d.metricsPath!r} must start with /")
 

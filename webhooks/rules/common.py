@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from webhooks.names import CHANGES_ANNOTATION
 from webhooks.outcome import Context, Outcome
 from webhooks.policy import MUTATE, STRICT, Shaper
+
+
+def copy_tree(value: Any) -> Any:
+    """A copy of a JSON tree (what an admission request's object is): several times
+    faster than copy.deepcopy, which must handle any Python object graph."""
+    if isinstance(value, dict):
+        return {key: copy_tree(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [copy_tree(item) for item in value]
+    return value
 
 
 def shaper_for(ctx: Context, how: str | None = None) -> Shaper:

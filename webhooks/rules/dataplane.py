@@ -4,18 +4,16 @@ operator renders stunnerd Deployments from, so the right place to shape them
 
 from __future__ import annotations
 
-import copy
-
 from webhooks import stunnerd
 from webhooks.outcome import Context, Outcome
-from webhooks.rules.common import finish, shaper_for
+from webhooks.rules.common import copy_tree, finish, shaper_for
 
 # enableMetricsEndpoint exists in v1 only; the v1alpha1 schema would prune it.
 METRICS_VERSIONS = frozenset({"stunner.l7mp.io/v1"})
 
 
 def review(obj: dict, ctx: Context) -> Outcome:
-    desired = copy.deepcopy(obj)
+    desired = copy_tree(obj)
     spec = desired.get("spec") if isinstance(desired.get("spec"), dict) else {}
     shaper = shaper_for(ctx)
     policy = ctx.settings.policy

@@ -10,13 +10,11 @@ Other stunnerd Deployments get the same rules on their pod template.
 
 from __future__ import annotations
 
-import copy
-
 from webhooks import stunnerd
 from webhooks.names import OPERATOR_OWNED_LABEL, OPERATOR_OWNED_VALUE
 from webhooks.outcome import Context, Outcome
 from webhooks.policy import ADVISE, get_in
-from webhooks.rules.common import container_path, finish, shaper_for
+from webhooks.rules.common import container_path, copy_tree, finish, shaper_for
 
 TEMPLATE = "spec.template.spec"
 
@@ -37,7 +35,7 @@ def review(obj: dict, ctx: Context) -> Outcome:
     owned = operator_owned(obj)
     if owned and ctx.mutating:
         return Outcome()
-    desired = copy.deepcopy(obj)
+    desired = copy_tree(obj)
     spec = template_spec(desired)
     shaper = shaper_for(ctx, ADVISE if owned else None)
     for index, container in stunnerd.stunnerd_containers(spec):

@@ -14,7 +14,6 @@ kubectl apply on an outage.
 
 from __future__ import annotations
 
-import copy
 from decimal import Decimal
 from typing import Any
 
@@ -22,7 +21,7 @@ from webhooks import stunnerd
 from webhooks.kube import KubeUnavailable
 from webhooks.outcome import Context, Outcome
 from webhooks.policy import MUTATE, Shaper, format_cores, get_in, quantity
-from webhooks.rules.common import container_path
+from webhooks.rules.common import container_path, copy_tree
 from webhooks.rules.deployment import operator_owned, template_spec
 
 
@@ -68,7 +67,7 @@ def _read(ctx: Context, outcome: Outcome, read, what: str,
 
 def _effective_pod_spec(spec: dict, ctx: Context) -> dict:
     """The pod spec the pods will run with: the template after the enforced Pod rules."""
-    effective = copy.deepcopy(spec)
+    effective = copy_tree(spec)
     shaper = Shaper(ctx.settings.policy, MUTATE, ctx.subject)
     for index, container in stunnerd.stunnerd_containers(effective):
         shaper.container(container, container_path("containers", index, container))

@@ -9,14 +9,13 @@ the hook path carries namespace and token (DESIGN.md "The drain (preStop) protoc
 
 from __future__ import annotations
 
-import copy
 import secrets
 
 from webhooks import stunnerd
 from webhooks.names import DRAIN_ANNOTATION, DRAIN_TOKEN_LABEL, drain_path
 from webhooks.outcome import Context, Outcome
 from webhooks.policy import Shaper, get_in
-from webhooks.rules.common import container_path, finish, metadata_map, shaper_for
+from webhooks.rules.common import container_path, copy_tree, finish, metadata_map, shaper_for
 
 # pion/turn's default TURN allocation lifetime (RFC 5766): an idle allocation expires
 # after this long, so a drain shorter than this may cut calls.
@@ -26,7 +25,7 @@ ALLOCATION_LIFETIME_SECONDS = 600
 def review(obj: dict, ctx: Context) -> Outcome:
     if not stunnerd.stunnerd_containers(obj.get("spec")):
         return Outcome()
-    desired = copy.deepcopy(obj)
+    desired = copy_tree(obj)
     spec = desired["spec"]
     shaper = shaper_for(ctx)
     for index, container in stunnerd.stunnerd_containers(spec):
