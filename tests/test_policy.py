@@ -34,7 +34,10 @@ def run(obj: dict, webhook: str = "mutate", settings: Settings | None = None, ku
     handler = admission.handler_for(group, version, obj["kind"], operation)
     assert handler is not None, f"no handler for {obj['kind']}"
     ctx = context(settings, webhook, kube, api_version=obj["apiVersion"])
-    verdict = admission.verdict(obj, handler(copy.deepcopy(obj), ctx), ctx)
+    pristine = copy.deepcopy(obj)
+    verdict = admission.verdict(obj, handler(obj, ctx), ctx)
+    # Rules edit a copy: the request's object is what the patch is computed against.
+    assert obj == pristine, "a rule modified the request's object"
     return verdict, jsonpatch.apply_patch(obj, verdict.patch) if verdict.patch else obj
 
 
@@ -431,3 +434,29 @@ def test_operator_owned_advice_derives_threads_from_the_limit_the_pods_will_get(
                                 resources={"limits": {"cpu": "8"}, "requests": {"cpu": "1"}}),
                      webhook="validate", settings=with_rules(limitsSane=LimitsSane(maxCpu="1")))
     assert any("--udp-thread-num=8" in w for w in verdict.warnings)
+
+
+def _bare_metadata_pod() -> dict:
+    pod = stunnerd_pod(resources={"limits": {"cpu": "8"}})
+    pod["metadata"] = {"generateName": "x-", "namespace": "media"}
+    return pod
+
+
+def _user_hook_pod_without_annotations() -> dict:
+    pod = stunnerd_pod(lifecycle={"preStop": {"exec": {"command": ["true"]}}})
+    del pod["metadata"]["labels"]
+    return pod
+
+
+@pytest.mark.parametrize("obj", [
+    pytest.param(_bare_metadata_pod(), id="pod-without-labels-or-annotations"),
+    pytest.param(_user_hook_pod_without_annotations(), id="pod-user-hook-no-labels"),
+    pytest.param({"apiVersion": "stunner.l7mp.io/v1", "kind": "Dataplane", "metadata": {"name": "d"},
+                  "spec": {"args": ["-u", "3"]}}, id="dataplane-no-annotations"),
+    pytest.param({"apiVersion": "stunner.l7mp.io/v1", "kind": "Dataplane", "metadata": "junk",
+                  "spec": "junk"}, id="dataplane-junk"),
+    pytest.param(deployment(owned=False, resources={}), id="deployment"),
+])
+def test_rules_never_modify_the_request_object_whatever_its_shape(obj):
+    verdict, mutated = run(obj)  # run() asserts the input is untouched
+    assert mutated != obj or not verdict.patch

@@ -93,8 +93,12 @@ BACKOFF_MAX_SECONDS = 30.0
 # A watch that lived this long was healthy: the next reconnect is immediate.
 HEALTHY_WATCH_SECONDS = 10.0
 
-# Events are best-effort and sent from their own thread; past this many waiting, new
-# ones are dropped (logged) rather than queued without bound while the API is down.
+# Events are best-effort and sent from their own thread, at most EVENTS_PER_SECOND after a
+# burst of EVENT_BURST (kubelet's own --event-qps/--event-burst defaults), so that a
+# thousand drains ending at once do not take the CPU their answers need. Past
+# EVENT_QUEUE_SIZE waiting, new ones are dropped (logged) rather than queued without bound.
+EVENTS_PER_SECOND = 50.0
+EVENT_BURST = 100
 EVENT_QUEUE_SIZE = 10_000
 EVENT_SOURCE = "stunner-guard"
 
@@ -264,23 +268,62 @@ def _dechunk(body: bytes) -> bytes:
         at = start + size + 2
 
 
+@dataclass(frozen=True)
+class _Head:
+    """Status line and headers of an HTTP answer."""
+
+    status: bytes
+    headers: dict[bytes, bytes]
+    body_start: int
+
+    @classmethod
+    def parse(cls, raw: bytes | bytearray) -> _Head | None:
+        """None until the head is complete; ValueError when it is not HTTP."""
+        end = raw.find(b"\r\n\r\n")
+        if end < 0:
+            return None
+        status_line, *lines = bytes(raw[:end]).split(b"\r\n")
+        parts = status_line.split(b" ", 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/"):
+            raise ValueError("not an HTTP answer")
+        headers = {}
+        for line in lines:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip().lower()
+        return cls(parts[1], headers, end + 4)
+
+    @property
+    def chunked(self) -> bool:
+        return self.headers.get(b"transfer-encoding") == b"chunked"
+
+    @property
+    def length(self) -> int | None:
+        value = self.headers.get(b"content-length")
+        return int(value) if value and value.isdigit() else None
+
+    def complete(self, raw: bytes | bytearray) -> bool:
+        """Whether the whole answer is in ``raw`` without waiting for the connection to
+        close (Content-Length, or the last chunk of a chunked body)."""
+        if self.chunked:
+            return raw.endswith(b"0\r\n\r\n")
+        return self.length is not None and len(raw) - self.body_start >= self.length
+
+
 def reading_from_answer(raw: bytes, where: str) -> Reading:
-    """The Reading an HTTP answer (read to the connection's end) amounts to."""
-    head, separator, body = raw.partition(b"\r\n\r\n")
-    status_line, *header_lines = head.split(b"\r\n")
-    parts = status_line.split(b" ", 2)
-    if not separator or len(parts) < 2 or not parts[0].startswith(b"HTTP/"):
-        return Reading(problem=f"{where} did not send an HTTP answer")
-    if parts[1] != b"200":
-        return Reading(problem=f"{where} answered HTTP {parts[1].decode(errors='replace')}")
-    headers = {}
-    for line in header_lines:
-        name, _, value = line.partition(b":")
-        headers[name.strip().lower()] = value.strip().lower()
+    """The Reading a whole HTTP answer amounts to."""
     try:
-        if headers.get(b"transfer-encoding") == b"chunked":
+        head = _Head.parse(raw)
+    except ValueError:
+        head = None
+    if head is None:
+        return Reading(problem=f"{where} did not send an HTTP answer")
+    if head.status != b"200":
+        return Reading(problem=f"{where} answered HTTP {head.status.decode(errors='replace')}")
+    body = raw[head.body_start :]
+    try:
+        if head.chunked:
             body = _dechunk(body)
-        elif int(headers.get(b"content-length", len(body))) > len(body):
+        elif (head.length or 0) > len(body):
             return Reading(problem=f"{where} closed the connection mid-answer")
         return Reading(allocations=allocations_from_text(body.decode("utf-8")))
     except MetricAbsent as err:
@@ -294,9 +337,15 @@ class MetricsRead:
     selector: a thousand held drains are a thousand of these a second in one thread, not
     a thread each. ``result`` is set once it is over; the whole read, connect to last byte,
     has one deadline (a per-recv timeout would let an endpoint that trickles a byte at a
-    time hold it forever) and at most ``maxMetricsBytes`` are kept."""
+    time hold it forever) and at most ``maxMetricsBytes`` are kept.
 
-    def __init__(self, ip: str, drain: DrainSettings, now: float) -> None:
+    The connection is kept alive between a pod's reads, as Prometheus keeps its scrape
+    connections: a TCP handshake and teardown per read would cost more CPU than the read.
+    A kept connection the pod has meanwhile closed is ``stale``: read again on a new one."""
+
+    def __init__(
+        self, ip: str, drain: DrainSettings, now: float, kept: socket.socket | None = None
+    ) -> None:
         self.where = f"{ip}:{drain.metricsPort}{drain.metricsPath}"
         self.deadline = now + drain.scrapeTimeoutSeconds
         self.timeout = drain.scrapeTimeoutSeconds
@@ -304,20 +353,31 @@ class MetricsRead:
         host = f"[{ip}]" if ":" in ip else ip
         self.request = (
             f"GET {drain.metricsPath} HTTP/1.1\r\nHost: {host}:{drain.metricsPort}\r\n"
-            "User-Agent: stunner-guard\r\nAccept: text/plain;version=0.0.4\r\n"
-            "Connection: close\r\n\r\n"
+            "User-Agent: stunner-guard\r\nAccept: text/plain;version=0.0.4\r\n\r\n"
         ).encode()
         self.answer = bytearray()
+        self.head: _Head | None = None
         self.result: Reading | None = None
+        self.reusable = False  # the answer ended without closing the connection
+        self.stale = False
+        self.kept = kept is not None
+        if kept is not None:
+            self.sock = kept
+            self._send()
+            return
         self.sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET)
         self.sock.setblocking(False)
         error = self.sock.connect_ex((ip, drain.metricsPort))
         if error not in (0, errno.EINPROGRESS):
-            self._connect_failed(error)
+            self._failed(error)
         else:
             # On a pod network the connection is often up already: send at once, and save
             # the drain loop a wake-up per read.
             self._send()
+
+    @property
+    def over(self) -> bool:
+        return self.result is not None or self.stale
 
     @property
     def events(self) -> int:
@@ -338,39 +398,59 @@ class MetricsRead:
             return  # still connecting: wait until writable
         except OSError as err:
             if err.errno != errno.ENOTCONN:
-                self._connect_failed(err.errno)
+                self._failed(err.errno)
             elif error := self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
-                self._connect_failed(error)
+                self._failed(error)
             return
         self.request = self.request[sent:]
 
     def _receive(self) -> None:
         """Everything there is to read now, up to the end of the answer."""
-        while self.result is None:
+        while not self.over:
             try:
                 data = self.sock.recv(65536)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as err:
-                self._connect_failed(err.errno)  # refused shows here when sent at once
+                self._failed(err.errno)  # refused shows here when sent at once
                 return
             if not data:
-                self.result = reading_from_answer(bytes(self.answer), self.where)
+                if self.kept and not self.answer:
+                    self.stale = True
+                else:
+                    self.result = reading_from_answer(bytes(self.answer), self.where)
             elif len(self.answer) + len(data) > self.limit:
                 limit = self.limit
                 self.result = Reading(problem=f"{self.where} sent more than the {limit}-byte limit")
             else:
                 self.answer += data
+                self._check_complete()
+
+    def _check_complete(self) -> None:
+        try:
+            self.head = self.head or _Head.parse(self.answer)
+        except ValueError:
+            self.result = Reading(problem=f"{self.where} did not send an HTTP answer")
+            return
+        if self.head is not None and self.head.complete(self.answer):
+            self.reusable = self.head.headers.get(b"connection") != b"close"
+            self.result = reading_from_answer(bytes(self.answer), self.where)
 
     def expire(self) -> None:
         if self.result is None:
             self.result = Reading(problem=f"{self.where} did not answer within {self.timeout:g} s")
 
+    def keep(self) -> socket.socket | None:
+        """The connection, for the pod's next read, when it can serve one."""
+        return self.sock if self.reusable and not self.stale else None
+
     def close(self) -> None:
         self.sock.close()
 
-    def _connect_failed(self, error: int | None) -> None:
-        if error == errno.ECONNREFUSED:
+    def _failed(self, error: int | None) -> None:
+        if self.kept and not self.answer and error in (errno.ECONNRESET, errno.EPIPE):
+            self.stale = True  # the pod closed the idle connection
+        elif error == errno.ECONNREFUSED:
             problem = f"connection refused by {self.where} (metrics endpoint off?)"
             self.result = Reading(problem=problem, fatal=True)
         else:
@@ -382,7 +462,7 @@ def read_allocations(ip: str, drain: DrainSettings) -> Reading:
     read = MetricsRead(ip, drain, time.monotonic())
     with selectors.DefaultSelector() as selector:
         selector.register(read.sock, read.events)
-        while read.result is None:
+        while not read.over:
             remaining = read.deadline - time.monotonic()
             if remaining <= 0:
                 read.expire()
@@ -595,7 +675,14 @@ class EventRecorder:
             self._queue.put_nowait(None)
 
     def _run(self) -> None:
+        tokens, refilled = float(EVENT_BURST), time.monotonic()
         while (event := self._queue.get()) is not None:
+            now = time.monotonic()
+            tokens = min(EVENT_BURST, tokens + (now - refilled) * EVENTS_PER_SECOND)
+            refilled = now
+            if tokens < 1:
+                time.sleep((1 - tokens) / EVENTS_PER_SECOND)
+            tokens -= 1
             try:
                 self.kube.create_event(event["metadata"]["namespace"], event)
             except KubeUnavailable as err:
@@ -617,6 +704,7 @@ class Waiter:
     allocations: int | None = None
     failed_reads: int = 0
     read: MetricsRead | None = None  # in flight
+    connection: socket.socket | None = None  # kept alive between reads
     next_scrape: float = 0.0  # monotonic
     plan: int = 0  # the scheduler entry that is current for this waiter
     answer: Answer | None = None
@@ -866,7 +954,7 @@ class Drainer:
                 waiter, read = key.data
                 waited_for = read.events
                 read.step()  # the socket's I/O, outside the lock
-                if read.result is None:
+                if not read.over:
                     if read.events != waited_for:
                         selector.modify(read.sock, read.events, key.data)
                     continue
@@ -892,16 +980,26 @@ class Drainer:
             self._plan(waiter)
 
     def _begin_read(self, waiter: Waiter, now: float) -> None:
-        read = waiter.read = MetricsRead(waiter.pod.ip, self.drain_settings, now)
-        if read.result is not None:  # refused at once
+        kept, waiter.connection = waiter.connection, None
+        read = waiter.read = MetricsRead(waiter.pod.ip, self.drain_settings, now, kept)
+        if read.over:  # refused at once, or a kept connection found closed
             self._end_read(waiter, read)
             return
         self._selector.register(read.sock, read.events, (waiter, read))
         self._plan(waiter)
 
     def _end_read(self, waiter: Waiter, read: MetricsRead) -> None:
-        self._close_read(read)
         waiter.read = None
+        if read.stale:  # the pod had closed the kept connection: the same read, anew
+            self._close_read(read)
+            self._begin_read(waiter, time.monotonic())
+            return
+        if (kept := read.keep()) is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(kept)  # idle until the next read
+            waiter.connection = kept
+        else:
+            self._close_read(read)
         # The next read one interval after this one ended: at most one read reaches the pod
         # per poll interval, however many calls wait on it and however late this one was.
         waiter.next_scrape = time.monotonic() + self.drain_settings.pollIntervalSeconds
@@ -988,6 +1086,9 @@ class Drainer:
             self._abandoned.append(waiter.read)
             waiter.read = None
             self._wake()
+        if waiter.connection is not None:  # idle, in no selector
+            waiter.connection.close()
+            waiter.connection = None
         seconds = time.monotonic() - waiter.started
         waiter.answer = Answer(outcome, message, waiter.pod.ref, waiter.allocations, seconds)
         if self._waiters.get(waiter.pod.key) is waiter:

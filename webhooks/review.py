@@ -118,7 +118,7 @@ def _without_equal_members(a: Any, b: Any) -> tuple[Any, Any]:
         pruned_a, pruned_b = {}, {}
         for key in a.keys() | b.keys():
             if key in a and key in b:
-                if a[key] == b[key]:
+                if a[key] is b[key] or a[key] == b[key]:
                     continue
                 pruned_a[key], pruned_b[key] = _without_equal_members(a[key], b[key])
             elif key in a:

@@ -20,6 +20,44 @@ def copy_tree(value: Any) -> Any:
     return value
 
 
+def copy_for_edit(obj: dict, *editable: tuple[str, ...]) -> dict:
+    """A copy of ``obj`` to edit in place at the ``editable`` paths: each of them is copied
+    whole and every map on the way to it shallowly; everything else is shared with
+    ``obj`` and must not be modified. Far cheaper than copying managedFields, volumes,
+    env and probes that no rule edits (the tests check no rule modifies its input)."""
+    result = dict(obj)
+    for path in editable:
+        node, source = result, obj
+        for key in path[:-1]:
+            source = source.get(key) if isinstance(source, dict) else None
+            if not isinstance(source, dict):
+                break
+            if node.get(key) is source:
+                node[key] = dict(source)
+            node = node[key]
+        else:
+            if path[-1] in node:
+                node[path[-1]] = copy_tree(node[path[-1]])
+    return result
+
+
+# The container fields the rules edit; env, probes, ports and mounts are only read.
+CONTAINER_EDITABLE = ("resources", "command", "args", "lifecycle")
+
+
+def copy_containers_for_edit(pod_spec: dict) -> None:
+    """Give an (already shallow-copied) pod spec its own containers list, each container
+    copied shallowly with the fields the rules edit copied whole."""
+    containers = pod_spec.get("containers")
+    if not isinstance(containers, list):
+        return
+    pod_spec["containers"] = [
+        {**c, **{k: copy_tree(c[k]) for k in CONTAINER_EDITABLE if k in c}}
+        if isinstance(c, dict) else c
+        for c in containers
+    ]
+
+
 def shaper_for(ctx: Context, how: str | None = None) -> Shaper:
     return Shaper(ctx.settings.policy, how or (MUTATE if ctx.mutating else STRICT), ctx.subject)
 

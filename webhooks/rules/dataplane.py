@@ -6,14 +6,14 @@ from __future__ import annotations
 
 from webhooks import stunnerd
 from webhooks.outcome import Context, Outcome
-from webhooks.rules.common import copy_tree, finish, shaper_for
+from webhooks.rules.common import copy_for_edit, finish, shaper_for
 
 # enableMetricsEndpoint exists in v1 only; the v1alpha1 schema would prune it.
 METRICS_VERSIONS = frozenset({"stunner.l7mp.io/v1"})
 
 
 def review(obj: dict, ctx: Context) -> Outcome:
-    desired = copy_tree(obj)
+    desired = copy_for_edit(obj, ("metadata", "annotations"), ("spec",))
     spec = desired.get("spec") if isinstance(desired.get("spec"), dict) else {}
     shaper = shaper_for(ctx)
     policy = ctx.settings.policy

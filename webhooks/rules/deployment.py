@@ -14,7 +14,12 @@ from webhooks import stunnerd
 from webhooks.names import OPERATOR_OWNED_LABEL, OPERATOR_OWNED_VALUE
 from webhooks.outcome import Context, Outcome
 from webhooks.policy import ADVISE, get_in
-from webhooks.rules.common import container_path, copy_tree, finish, shaper_for
+from webhooks.rules.common import (
+    container_path,
+    copy_for_edit,
+    finish,
+    shaper_for,
+)
 
 TEMPLATE = "spec.template.spec"
 
@@ -35,7 +40,7 @@ def review(obj: dict, ctx: Context) -> Outcome:
     owned = operator_owned(obj)
     if owned and ctx.mutating:
         return Outcome()
-    desired = copy_tree(obj)
+    desired = copy_for_edit(obj, ("metadata", "annotations"), ("spec", "template", "spec"))
     spec = template_spec(desired)
     shaper = shaper_for(ctx, ADVISE if owned else None)
     for index, container in stunnerd.stunnerd_containers(spec):

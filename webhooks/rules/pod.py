@@ -15,18 +15,28 @@ from webhooks import stunnerd
 from webhooks.names import DRAIN_ANNOTATION, DRAIN_TOKEN_LABEL, drain_path
 from webhooks.outcome import Context, Outcome
 from webhooks.policy import Shaper, get_in
-from webhooks.rules.common import container_path, copy_tree, finish, metadata_map, shaper_for
+from webhooks.rules.common import (
+    container_path,
+    copy_containers_for_edit,
+    copy_for_edit,
+    finish,
+    metadata_map,
+    shaper_for,
+)
 
 # pion/turn's default TURN allocation lifetime (RFC 5766): an idle allocation expires
 # after this long, so a drain shorter than this may cut calls.
 ALLOCATION_LIFETIME_SECONDS = 600
+# What the Pod rules edit besides the spec's containers and grace period.
+EDITABLE = (("metadata", "labels"), ("metadata", "annotations"))
 
 
 def review(obj: dict, ctx: Context) -> Outcome:
     if not stunnerd.stunnerd_containers(obj.get("spec")):
         return Outcome()
-    desired = copy_tree(obj)
-    spec = desired["spec"]
+    desired = copy_for_edit(obj, *EDITABLE)
+    spec = desired["spec"] = dict(obj["spec"])
+    copy_containers_for_edit(spec)
     shaper = shaper_for(ctx)
     for index, container in stunnerd.stunnerd_containers(spec):
         shaper.container(container, container_path("spec.containers", index, container))
