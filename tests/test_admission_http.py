@@ -210,3 +210,20 @@ def test_unknown_paths_and_methods_get_plain_answers(client):
 def test_fixture_paths_exist():
     assert V136 and BARE and V1BETA1 and STUNNER_OBJECTS
     assert all(isinstance(p, Path) for p in V136)
+
+
+def test_nan_and_infinity_are_not_json(client, pod_review):
+    body = json.dumps(pod_review).replace('"terminationGracePeriodSeconds":3600', '"terminationGracePeriodSeconds":NaN')
+    body = body.replace('"terminationGracePeriodSeconds": 3600', '"terminationGracePeriodSeconds": NaN')
+    assert "NaN" in body
+    status, text = post(client, "mutate", body.encode())
+    assert status == 400 and "NaN is not JSON" in text
+
+
+def test_a_huge_hostile_value_does_not_make_a_huge_denial(client):
+    body = create_review({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "m"},
+                          "spec": {"containers": [{"name": "stunnerd", "image": "l7mp/stunnerd",
+                                                   "resources": {"limits": {"cpu": "x" * 100_000}}}]}})
+    _, answer = post(client, "mutate", body)
+    assert answer["response"]["allowed"] is False
+    assert len(answer["response"]["status"]["message"]) < 400

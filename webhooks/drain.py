@@ -309,10 +309,10 @@ class _Head:
         return self.length is not None and len(raw) - self.body_start >= self.length
 
 
-def reading_from_answer(raw: bytes, where: str) -> Reading:
-    """The Reading a whole HTTP answer amounts to."""
+def reading_from_answer(raw: bytes, where: str, head: _Head | None = None) -> Reading:
+    """The Reading a whole HTTP answer amounts to (``head``: already parsed)."""
     try:
-        head = _Head.parse(raw)
+        head = head or _Head.parse(raw)
     except ValueError:
         head = None
     if head is None:
@@ -434,7 +434,7 @@ class MetricsRead:
             return
         if self.head is not None and self.head.complete(self.answer):
             self.reusable = self.head.headers.get(b"connection") != b"close"
-            self.result = reading_from_answer(bytes(self.answer), self.where)
+            self.result = reading_from_answer(bytes(self.answer), self.where, self.head)
 
     def expire(self) -> None:
         if self.result is None:
@@ -741,7 +741,7 @@ class Drainer:
         self._selector: selectors.BaseSelector | None = None
         self._wake_up: tuple[socket.socket, socket.socket] | None = None
         self._loop_ident: int | None = None
-        self._abandoned: list[MetricsRead] = []  # reads of answered waiters, to close
+        self._abandoned: list[socket.socket] = []  # of answered waiters, to close
 
     # ---------------------------------------------------------------- the call
 
@@ -944,14 +944,21 @@ class Drainer:
                         self._step(waiter, now)
                 timeout = max(0.0, self._schedule[0][0] - now) if self._schedule else None
                 abandoned, self._abandoned = self._abandoned, []
-            for read in abandoned:
-                self._close_read(read)
+            for sock in abandoned:
+                self._close_socket(sock)
             for key, _ in selector.select(timeout):
                 if key.data is None:
                     with contextlib.suppress(OSError):
                         key.fileobj.recv(4096)
                     continue
                 waiter, read = key.data
+                if read is None:
+                    # A kept connection woke while idle: the pod closed it. Read anew.
+                    with self._lock:
+                        if waiter.connection is key.fileobj:
+                            waiter.connection = None
+                    self._close_socket(key.fileobj)
+                    continue
                 waited_for = read.events
                 read.step()  # the socket's I/O, outside the lock
                 if not read.over:
@@ -985,21 +992,25 @@ class Drainer:
         if read.over:  # refused at once, or a kept connection found closed
             self._end_read(waiter, read)
             return
-        self._selector.register(read.sock, read.events, (waiter, read))
+        if kept is None:
+            self._selector.register(read.sock, read.events, (waiter, read))
+        else:  # still registered from the last read: usually no system call
+            self._selector.modify(read.sock, read.events, (waiter, read))
         self._plan(waiter)
 
     def _end_read(self, waiter: Waiter, read: MetricsRead) -> None:
         waiter.read = None
         if read.stale:  # the pod had closed the kept connection: the same read, anew
-            self._close_read(read)
+            self._close_socket(read.sock)
             self._begin_read(waiter, time.monotonic())
             return
         if (kept := read.keep()) is not None:
-            with contextlib.suppress(KeyError, ValueError):
-                self._selector.unregister(kept)  # idle until the next read
+            # Stays registered while idle (no read in flight): it wakes the loop only if
+            # the pod closes it.
+            self._selector.modify(kept, selectors.EVENT_READ, (waiter, None))
             waiter.connection = kept
         else:
-            self._close_read(read)
+            self._close_socket(read.sock)
         # The next read one interval after this one ended: at most one read reaches the pod
         # per poll interval, however many calls wait on it and however late this one was.
         waiter.next_scrape = time.monotonic() + self.drain_settings.pollIntervalSeconds
@@ -1007,10 +1018,12 @@ class Drainer:
         if waiter.answer is None:
             self._take_reading(waiter, read.result)
 
-    def _close_read(self, read: MetricsRead) -> None:
+    def _close_socket(self, sock: socket.socket) -> None:
+        """Unregister, then close: a closed descriptor's number is soon reused. Drain loop
+        thread only."""
         with contextlib.suppress(KeyError, ValueError):
-            self._selector.unregister(read.sock)
-        read.close()
+            self._selector.unregister(sock)
+        sock.close()
 
     def _take_reading(self, waiter: Waiter, reading: Reading) -> None:
         pod = waiter.pod
@@ -1081,14 +1094,12 @@ class Drainer:
         """Answer every call waiting on this pod (once). Lock held."""
         if waiter.answer is not None:
             return
-        if waiter.read is not None:
-            # Only the drain loop may close its sockets: hand the read back to it.
-            self._abandoned.append(waiter.read)
-            waiter.read = None
-            self._wake()
-        if waiter.connection is not None:  # idle, in no selector
-            waiter.connection.close()
-            waiter.connection = None
+        # Only the drain loop may close its sockets: hand them back to it.
+        for sock in (waiter.read and waiter.read.sock, waiter.connection):
+            if sock is not None:
+                self._abandoned.append(sock)
+                self._wake()
+        waiter.read = waiter.connection = None
         seconds = time.monotonic() - waiter.started
         waiter.answer = Answer(outcome, message, waiter.pod.ref, waiter.allocations, seconds)
         if self._waiters.get(waiter.pod.key) is waiter:

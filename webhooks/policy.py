@@ -58,13 +58,21 @@ def format_cores(cores: Decimal) -> str:
     return f"{int(cores * 1000)}m"
 
 
+# Values echoed in messages are cut: a denial must not grow with a hostile field.
+MAX_SHOWN_CHARS = 80
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_SHOWN_CHARS else text[: MAX_SHOWN_CHARS - 3] + "..."
+
+
 def show(value: Any) -> str:
     """A field value as a user wrote it in YAML: true, 500m, <unset>."""
     if value is None:
         return "<unset>"
     if isinstance(value, bool):
         return "true" if value else "false"
-    return str(value)
+    return _cut(str(value))
 
 
 @dataclass
@@ -105,7 +113,7 @@ class Shaper:
         return False
 
     def deny(self, where: str, value: Any, why: str, rule: str) -> None:
-        self.denials.append(f"{self.subject}: {where} is {value!r}: {why} (rule {rule})")
+        self.denials.append(f"{self.subject}: {where} is {_cut(repr(value))}: {why} (rule {rule})")
 
     # ------------------------------------------------------------------ resources
 

@@ -139,12 +139,17 @@ def _require(mapping: dict, key: str, kind: type, where: str) -> Any:
     return value
 
 
+def _reject_constant(name: str) -> None:
+    # Python's json accepts NaN/Infinity; JSON (and the apiserver) does not.
+    raise ValueError(f"{name} is not JSON")
+
+
 def parse(body: bytes, limit: int) -> Request:
     """Decode an HTTP body into a Request, or raise BadReview naming what is wrong."""
     if len(body) > limit:
         raise BadReview(f"body of {len(body)} bytes exceeds the {limit}-byte limit", 413)
     try:
-        review = json.loads(body)
+        review = json.loads(body, parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise BadReview(f"body is not JSON: {err}") from None
     if not isinstance(review, dict):
