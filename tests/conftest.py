@@ -18,7 +18,10 @@ from webhooks.settings import Policy, Settings
 FIXTURES = Path(__file__).parent / "fixtures"
 ADMISSION = FIXTURES / "admission"
 STUNNER = FIXTURES / "stunner"
-POD_REVIEW = ADMISSION / "apiserver-v1.36/stunner/009-mutate-Pod-v1-CREATE-media-udp-gateway-8547c954bb-.json"
+POD_REVIEW = (
+    ADMISSION
+    / "apiserver-v1.36/stunner/009-mutate-Pod-v1-CREATE-media-udp-gateway-8547c954bb-.json"
+)
 DRAIN_HOST = "10.96.0.10"
 
 
@@ -65,14 +68,22 @@ def stunnerd_pod(**container_fields) -> dict:
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"generateName": "udp-gateway-", "namespace": "media",
-                     "labels": {"app": "stunner"}},
+        "metadata": {
+            "generateName": "udp-gateway-",
+            "namespace": "media",
+            "labels": {"app": "stunner"},
+        },
         "spec": {"containers": [container], "terminationGracePeriodSeconds": 3600},
     }
 
 
-def context(settings: Settings | None = None, webhook: str = "mutate", kube=None,
-            api_version: str = "v1", namespace: str = "media") -> Context:
+def context(
+    settings: Settings | None = None,
+    webhook: str = "mutate",
+    kube=None,
+    api_version: str = "v1",
+    namespace: str = "media",
+) -> Context:
     return Context(
         settings=settings or Settings(drainHost=DRAIN_HOST),
         webhook=webhook,

@@ -23,8 +23,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def gunicorn(certs: Path, env: dict[str, str] | None = None, home: Path | None = None,
-             ready_within: float = 15.0):
+def gunicorn(
+    certs: Path,
+    env: dict[str, str] | None = None,
+    home: Path | None = None,
+    ready_within: float = 15.0,
+):
     """Start gunicorn over TLS on a free loopback port; yield (base URL, process).
 
     The environment is the caller's plus ``env``; no KUBECONFIG unless given, and HOME is
@@ -40,15 +44,21 @@ def gunicorn(certs: Path, env: dict[str, str] | None = None, home: Path | None =
     )
     full_env.update(env or {})
     process = subprocess.Popen(
-        [str(GUNICORN), "--config", "gunicorn.conf.py"], cwd=REPO, env=full_env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [str(GUNICORN), "--config", "gunicorn.conf.py"],
+        cwd=REPO,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     base = f"https://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + ready_within
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"gunicorn exited {process.returncode}:\n{process.stdout.read()}")
+                raise RuntimeError(
+                    f"gunicorn exited {process.returncode}:\n{process.stdout.read()}"
+                )
             try:
                 if requests.get(f"{base}/healthz", verify=str(certs / "ca.crt"), timeout=1).ok:
                     break

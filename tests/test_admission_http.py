@@ -21,7 +21,8 @@ V1_ENVELOPES = sorted((ADMISSION / "requests").glob("v1_*.json"))
 V1BETA1 = sorted((ADMISSION / "requests").glob("v1beta1_*.json"))
 STUNNER_OBJECTS = [
     pytest.param(doc, id=f"{path.name}:{doc['kind']}:{doc['metadata']['name']}")
-    for path in sorted(STUNNER.glob("*.yaml")) if not path.name.startswith(("crd_", "helm_"))
+    for path in sorted(STUNNER.glob("*.yaml"))
+    if not path.name.startswith(("crd_", "helm_"))
     for doc in load_yaml_docs(path)
 ]
 
@@ -80,12 +81,16 @@ def test_real_operator_pod_gets_the_drain_hook_and_keeps_its_shape(client, pod_r
     assert hook["path"] == f"/drain/media/{token}"  # request.namespace: the pod has no name yet
     # Already compliant resources, threads and grace period: nothing else changed.
     original = pod_review["request"]["object"]
-    assert pod["spec"]["containers"][0]["resources"] == original["spec"]["containers"][0]["resources"]
+    assert (
+        pod["spec"]["containers"][0]["resources"] == original["spec"]["containers"][0]["resources"]
+    )
     assert pod["spec"]["containers"][0]["args"] == original["spec"]["containers"][0]["args"]
 
 
 def test_real_dataplane_update_over_the_cpu_maximum_is_capped(client):
-    body = load_json(ADMISSION / "apiserver-v1.36/stunner/003-mutate-Dataplane-v1-UPDATE-cluster-default.json")
+    body = load_json(
+        ADMISSION / "apiserver-v1.36/stunner/003-mutate-Dataplane-v1-UPDATE-cluster-default.json"
+    )
     _, answer = post(client, "mutate", body)
     dataplane = patched_object(answer["response"], body["request"])
     assert body["request"]["object"]["spec"]["resources"]["limits"]["cpu"] == "3"
@@ -94,12 +99,15 @@ def test_real_dataplane_update_over_the_cpu_maximum_is_capped(client):
 
 
 def test_the_validating_webhook_denies_an_unfixed_dataplane_with_a_precise_message(client):
-    body = load_json(ADMISSION / "apiserver-v1.36/stunner/003-mutate-Dataplane-v1-UPDATE-cluster-default.json")
+    body = load_json(
+        ADMISSION / "apiserver-v1.36/stunner/003-mutate-Dataplane-v1-UPDATE-cluster-default.json"
+    )
     _, answer = post(client, "validate", body)
     assert answer["response"]["allowed"] is False
     assert answer["response"]["status"]["message"].startswith(
         "Dataplane default: spec.resources.limits.cpu is 3: above the 2 maximum, expected 2 "
-        "(rule limitsSane, mode enforce)")
+        "(rule limitsSane, mode enforce)"
+    )
 
 
 def test_dry_run_gets_the_same_verdict(client, pod_review):
@@ -142,7 +150,9 @@ def test_v1_envelopes_from_other_projects_are_answered(client, path):
 
 
 def test_a_scale_subresource_update_is_allowed_untouched(client):
-    text = (ADMISSION / "requests/v1_deployments-scale_subresource_update.k8s-docs.annotated.yaml").read_text()
+    text = (
+        ADMISSION / "requests/v1_deployments-scale_subresource_update.k8s-docs.annotated.yaml"
+    ).read_text()
     body = yaml.safe_load(text)
     status, answer = post(client, "mutate", body)
     assert status == 200
@@ -166,25 +176,47 @@ def test_stunner_manifests_as_create_requests_are_admitted_after_mutation(client
 
 
 def test_a_denial_is_http_200_with_status_403(client):
-    body = create_review({"apiVersion": "v1", "kind": "Pod",
-                          "metadata": {"name": "p", "namespace": "media"},
-                          "spec": {"containers": [{"name": "stunnerd", "image": "l7mp/stunnerd",
-                                                   "resources": {"limits": {"cpu": "two"}}}]}})
+    body = create_review(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "p", "namespace": "media"},
+            "spec": {
+                "containers": [
+                    {
+                        "name": "stunnerd",
+                        "image": "l7mp/stunnerd",
+                        "resources": {"limits": {"cpu": "two"}},
+                    }
+                ]
+            },
+        }
+    )
     status, answer = post(client, "mutate", body)
     assert status == 200
     assert answer["response"]["allowed"] is False
     assert answer["response"]["status"] == {
-        "code": 403, "reason": "Forbidden",
+        "code": 403,
+        "reason": "Forbidden",
         "message": "Pod media/p: spec.containers[stunnerd].resources.limits.cpu is 'two': "
-                   "not a non-negative Kubernetes quantity (rule quantity syntax)"}
+        "not a non-negative Kubernetes quantity (rule quantity syntax)",
+    }
 
 
 def test_warnings_are_never_longer_than_120_characters(client):
     long_name = "stunnerd-" + "x" * 200
-    body = create_review({"apiVersion": "v1", "kind": "Pod",
-                          "metadata": {"name": "p", "namespace": "media"},
-                          "spec": {"containers": [{"name": long_name, "image": "l7mp/stunnerd",
-                                                   "command": ["stunnerd"]}]}})
+    body = create_review(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "p", "namespace": "media"},
+            "spec": {
+                "containers": [
+                    {"name": long_name, "image": "l7mp/stunnerd", "command": ["stunnerd"]}
+                ]
+            },
+        }
+    )
     _, answer = post(client, "mutate", body)
     assert answer["response"]["warnings"]
     assert all(len(w) <= 120 for w in answer["response"]["warnings"])
@@ -196,7 +228,10 @@ def test_health_readiness_and_metrics(client, pod_review):
     post(client, "mutate", pod_review)
     post(client, "mutate", b"not json")
     text = client.get("/metrics").get_data(as_text=True)
-    assert 'stunner_guard_admission_requests_total{kind="Pod",operation="CREATE",verdict="patched",webhook="mutate"} 1.0' in text
+    assert (
+        'stunner_guard_admission_requests_total{kind="Pod",operation="CREATE",verdict="patched",webhook="mutate"} 1.0'
+        in text
+    )
     assert 'stunner_guard_admission_bad_requests_total{status="400",webhook="mutate"} 1.0' in text
     assert "stunner_guard_admission_duration_seconds_bucket" in text
 
@@ -213,17 +248,34 @@ def test_fixture_paths_exist():
 
 
 def test_nan_and_infinity_are_not_json(client, pod_review):
-    body = json.dumps(pod_review).replace('"terminationGracePeriodSeconds":3600', '"terminationGracePeriodSeconds":NaN')
-    body = body.replace('"terminationGracePeriodSeconds": 3600', '"terminationGracePeriodSeconds": NaN')
+    body = json.dumps(pod_review).replace(
+        '"terminationGracePeriodSeconds":3600', '"terminationGracePeriodSeconds":NaN'
+    )
+    body = body.replace(
+        '"terminationGracePeriodSeconds": 3600', '"terminationGracePeriodSeconds": NaN'
+    )
     assert "NaN" in body
     status, text = post(client, "mutate", body.encode())
     assert status == 400 and "NaN is not JSON" in text
 
 
 def test_a_huge_hostile_value_does_not_make_a_huge_denial(client):
-    body = create_review({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "m"},
-                          "spec": {"containers": [{"name": "stunnerd", "image": "l7mp/stunnerd",
-                                                   "resources": {"limits": {"cpu": "x" * 100_000}}}]}})
+    body = create_review(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "p", "namespace": "m"},
+            "spec": {
+                "containers": [
+                    {
+                        "name": "stunnerd",
+                        "image": "l7mp/stunnerd",
+                        "resources": {"limits": {"cpu": "x" * 100_000}},
+                    }
+                ]
+            },
+        }
+    )
     _, answer = post(client, "mutate", body)
     assert answer["response"]["allowed"] is False
     assert len(answer["response"]["status"]["message"]) < 400

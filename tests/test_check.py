@@ -94,9 +94,15 @@ def test_policy_file_changes_the_outcome(tmp_path):
 
 
 def test_runs_as_a_module_from_the_command_line():
-    result = subprocess.run([sys.executable, "-m", "webhooks", "check", str(OPERATOR_DATAPLANE)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "webhooks", "check", str(OPERATOR_DATAPLANE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert "# 1 objects, 0 denied" in result.stdout
-    usage = subprocess.run([sys.executable, "-m", "webhooks"], capture_output=True, text=True, timeout=60)
+    usage = subprocess.run(
+        [sys.executable, "-m", "webhooks"], capture_output=True, text=True, timeout=60
+    )
     assert usage.returncode == 2 and "usage" in usage.stderr

@@ -41,7 +41,9 @@ def test_fixtures_over_https_on_one_reused_connection(server):
     pod = load_json(POD_REVIEW)
     answer = session.post(f"{base}/mutate", json=pod, verify=str(ca), timeout=5).json()["response"]
     ops = json.loads(base64.b64decode(answer["patch"]))
-    assert any(op["path"] == f"/metadata/labels/{DRAIN_TOKEN_LABEL.replace('/', '~1')}" for op in ops)
+    assert any(
+        op["path"] == f"/metadata/labels/{DRAIN_TOKEN_LABEL.replace('/', '~1')}" for op in ops
+    )
 
 
 def test_bad_bodies_get_4xx_over_https(server):
@@ -58,13 +60,17 @@ def test_serving_cert_is_verified_by_the_dev_ca_for_localhost_and_127_0_0_1(serv
     port = int(base.rsplit(":", 1)[1])
     context = ssl.create_default_context(cafile=str(ca))
     for host in ("localhost", "127.0.0.1"):
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
-                context.wrap_socket(raw, server_hostname=host) as tls:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname=host) as tls,
+        ):
             assert tls.version() in ("TLSv1.2", "TLSv1.3")
     # And a CA that did not sign it is refused.
     other = ssl.create_default_context()
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
-            pytest.raises(ssl.SSLCertVerificationError):
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        pytest.raises(ssl.SSLCertVerificationError),
+    ):
         other.wrap_socket(raw, server_hostname="localhost")
 
 

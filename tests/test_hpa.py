@@ -18,8 +18,9 @@ from webhooks.settings import RequestsPresent, Rule
 
 class Lookup:
     def __init__(self, deployments=(), dataplane=None, error: str | None = None):
-        self.deployments = {(d["metadata"]["namespace"], d["metadata"]["name"]): d
-                            for d in deployments}
+        self.deployments = {
+            (d["metadata"]["namespace"], d["metadata"]["name"]): d for d in deployments
+        }
         self.dataplane = dataplane
         self.error = error
         self.reads = []
@@ -35,27 +36,40 @@ class Lookup:
         return copy.deepcopy(self.dataplane) if self.dataplane and name == "default" else None
 
 
-def deployment(resources: dict | None = None, owned: bool = True, name="udp-gateway",
-               **fields) -> dict:
+def deployment(
+    resources: dict | None = None, owned: bool = True, name="udp-gateway", **fields
+) -> dict:
     spec = stunnerd_pod(resources=resources, **fields)["spec"]
     labels = {"stunner.l7mp.io/owned-by": "stunner"} if owned else {}
-    return {"apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": {"name": name, "namespace": "media", "labels": labels},
-            "spec": {"template": {"spec": spec}}}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": "media", "labels": labels},
+        "spec": {"template": {"spec": spec}},
+    }
 
 
 def autoscaler(*metrics, target="udp-gateway") -> dict:
-    return {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
-            "metadata": {"name": "udp-gateway", "namespace": "media"},
-            "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": target},
-                     "minReplicas": 1, "maxReplicas": 10, "metrics": list(metrics)}}
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": "udp-gateway", "namespace": "media"},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": target},
+            "minReplicas": 1,
+            "maxReplicas": 10,
+            "metrics": list(metrics),
+        },
+    }
 
 
 def cpu(utilization: int, container: str | None = None) -> dict:
     target = {"type": "Utilization", "averageUtilization": utilization}
     if container:
-        return {"type": "ContainerResource",
-                "containerResource": {"name": "cpu", "container": container, "target": target}}
+        return {
+            "type": "ContainerResource",
+            "containerResource": {"name": "cpu", "container": container, "target": target},
+        }
     return {"type": "Resource", "resource": {"name": "cpu", "target": target}}
 
 
@@ -63,15 +77,21 @@ def review(obj, lookup, settings=None, webhook="validate"):
     return hpa.review(obj, context(settings, webhook, kube=lookup))
 
 
-STANDARD = {"requests": {"cpu": "500m", "memory": "128Mi"}, "limits": {"cpu": "2", "memory": "512Mi"}}
+STANDARD = {
+    "requests": {"cpu": "500m", "memory": "128Mi"},
+    "limits": {"cpu": "2", "memory": "512Mi"},
+}
 
 
-@pytest.mark.parametrize(("utilization", "allowed"), [
-    pytest.param(300, True, id="300%x500m=1500m<2-fires"),
-    pytest.param(399, True, id="399%-just-below"),
-    pytest.param(400, False, id="400%x500m=2-equals-limit-never-fires"),
-    pytest.param(500, False, id="500%x500m=2500m>2-never-fires"),
-])
+@pytest.mark.parametrize(
+    ("utilization", "allowed"),
+    [
+        pytest.param(300, True, id="300%x500m=1500m<2-fires"),
+        pytest.param(399, True, id="399%-just-below"),
+        pytest.param(400, False, id="400%x500m=2-equals-limit-never-fires"),
+        pytest.param(500, False, id="500%x500m=2500m>2-never-fires"),
+    ],
+)
 def test_feasibility_is_target_times_request_below_limit(utilization, allowed):
     outcome = review(autoscaler(cpu(utilization)), Lookup([deployment(STANDARD)]))
     assert (not outcome.denials) is allowed
@@ -80,7 +100,9 @@ def test_feasibility_is_target_times_request_below_limit(utilization, allowed):
 def test_denial_names_object_field_value_rule_and_the_way_out():
     outcome = review(autoscaler(cpu(500)), Lookup([deployment(STANDARD)]))
     (message,) = outcome.denials
-    assert message.startswith("Test media/x: spec.metrics[0].resource.target.averageUtilization is 500")
+    assert message.startswith(
+        "Test media/x: spec.metrics[0].resource.target.averageUtilization is 500"
+    )
     assert "500% x CPU request 500m = 2500m is not below the CPU limit 2" in message
     assert "use at most 399%" in message
     assert "rule hpaFeasibility" in message
@@ -107,17 +129,27 @@ def test_container_resource_metrics_measure_the_named_container():
 
 
 def test_warn_mode_warns_instead_of_denying():
-    outcome = review(autoscaler(cpu(500)), Lookup([deployment(STANDARD)]),
-                     with_rules(hpaFeasibility=Rule("warn")))
+    outcome = review(
+        autoscaler(cpu(500)),
+        Lookup([deployment(STANDARD)]),
+        with_rules(hpaFeasibility=Rule("warn")),
+    )
     assert not outcome.denials
     assert any("can never fire" in w for w in outcome.warnings)
 
 
 def test_memory_and_value_metrics_are_not_judged():
-    memory = {"type": "Resource", "resource": {"name": "memory",
-                                               "target": {"type": "Utilization", "averageUtilization": 900}}}
-    value = {"type": "Resource", "resource": {"name": "cpu",
-                                              "target": {"type": "AverageValue", "averageValue": "5"}}}
+    memory = {
+        "type": "Resource",
+        "resource": {
+            "name": "memory",
+            "target": {"type": "Utilization", "averageUtilization": 900},
+        },
+    }
+    value = {
+        "type": "Resource",
+        "resource": {"name": "cpu", "target": {"type": "AverageValue", "averageValue": "5"}},
+    }
     outcome = review(autoscaler(memory, value), Lookup([deployment(STANDARD)]))
     assert not outcome.denials and not outcome.warnings
 
@@ -129,11 +161,16 @@ def test_hpa_on_a_non_stunnerd_deployment_is_none_of_our_business():
     assert not outcome.denials and not outcome.warnings
 
 
-@pytest.mark.parametrize(("lookup", "says"), [
-    pytest.param(None, "no Kubernetes API access", id="no-cluster"),
-    pytest.param(Lookup(error="API unreachable: connection refused"), "could not read", id="api-down"),
-    pytest.param(Lookup([]), "not found", id="target-missing"),
-])
+@pytest.mark.parametrize(
+    ("lookup", "says"),
+    [
+        pytest.param(None, "no Kubernetes API access", id="no-cluster"),
+        pytest.param(
+            Lookup(error="API unreachable: connection refused"), "could not read", id="api-down"
+        ),
+        pytest.param(Lookup([]), "not found", id="target-missing"),
+    ],
+)
 def test_when_the_target_cannot_be_read_the_hpa_is_allowed_with_a_warning(lookup, says):
     outcome = review(autoscaler(cpu(900)), lookup)
     assert not outcome.denials

@@ -13,8 +13,13 @@ from tests.standin_apiserver import StandinAPIServer
 from webhooks import kube as kube_module
 from webhooks.settings import Settings
 
-HPA_REVIEW = ADMISSION / "apiserver-v1.36/stunner/017-mutate-HorizontalPodAutoscaler-v2-CREATE-media-udp-gateway.json"
-DEPLOYMENT_REVIEW = ADMISSION / "apiserver-v1.36/stunner/007-mutate-Deployment-v1-CREATE-media-udp-gateway.json"
+HPA_REVIEW = (
+    ADMISSION
+    / "apiserver-v1.36/stunner/017-mutate-HorizontalPodAutoscaler-v2-CREATE-media-udp-gateway.json"
+)
+DEPLOYMENT_REVIEW = (
+    ADMISSION / "apiserver-v1.36/stunner/007-mutate-Deployment-v1-CREATE-media-udp-gateway.json"
+)
 
 
 @pytest.fixture
@@ -37,7 +42,9 @@ def client(api, tmp_path, monkeypatch):
 
 def hpa_review(utilization: int) -> dict:
     body = load_json(HPA_REVIEW)
-    body["request"]["object"]["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"] = utilization
+    body["request"]["object"]["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"] = (
+        utilization
+    )
     return body
 
 
@@ -57,14 +64,22 @@ def test_an_hpa_that_can_never_fire_is_denied(client):
     response = validate(client, hpa_review(500))
     assert response["allowed"] is False
     message = response["status"]["message"]
-    assert message.startswith("HorizontalPodAutoscaler media/udp-gateway: "
-                              "spec.metrics[0].resource.target.averageUtilization is 500")
+    assert message.startswith(
+        "HorizontalPodAutoscaler media/udp-gateway: "
+        "spec.metrics[0].resource.target.averageUtilization is 500"
+    )
     assert "of Deployment media/udp-gateway" in message
 
 
 def test_dataplane_replicas_are_read_for_an_operator_owned_target(client, api):
-    api.put({"apiVersion": "stunner.l7mp.io/v1", "kind": "Dataplane",
-             "metadata": {"name": "default"}, "spec": {"replicas": 4}})
+    api.put(
+        {
+            "apiVersion": "stunner.l7mp.io/v1",
+            "kind": "Dataplane",
+            "metadata": {"name": "default"},
+            "spec": {"replicas": 4},
+        }
+    )
     response = validate(client, hpa_review(300))
     assert response["allowed"] is True
     assert response["warnings"] == ["Dataplane default spec.replicas=4 fights this HPA"]
@@ -74,7 +89,9 @@ def test_a_missing_target_is_allowed_with_a_warning(client, api):
     api.delete("Deployment", "media", "udp-gateway")
     response = validate(client, hpa_review(900))
     assert response["allowed"] is True
-    assert response["warnings"] == ["Deployment media/udp-gateway not found; HPA feasibility not checked"]
+    assert response["warnings"] == [
+        "Deployment media/udp-gateway not found; HPA feasibility not checked"
+    ]
 
 
 def test_an_unreachable_api_allows_with_a_warning_instead_of_failing(client, api):

@@ -27,8 +27,13 @@ from webhooks.settings import (
 )
 
 
-def run(obj: dict, webhook: str = "mutate", settings: Settings | None = None, kube=None,
-        operation: str = "CREATE"):
+def run(
+    obj: dict,
+    webhook: str = "mutate",
+    settings: Settings | None = None,
+    kube=None,
+    operation: str = "CREATE",
+):
     """(verdict, object after the verdict's patch) through the same path as the webhook."""
     group, _, version = obj["apiVersion"].rpartition("/")
     handler = admission.handler_for(group, version, obj["kind"], operation)
@@ -52,23 +57,45 @@ def resources(pod: dict) -> dict:
 # ---------------------------------------------------------------- requests and limits
 
 RESOURCE_CASES = [
-    pytest.param({}, {"requests": {"cpu": "500m", "memory": "128Mi"},
-                      "limits": {"cpu": "2", "memory": "512Mi"}}, id="missing-all-filled"),
-    pytest.param({"requests": {"cpu": "4", "memory": "1Gi"}, "limits": {"cpu": "4", "memory": "2Gi"}},
-                 {"requests": {"cpu": "1", "memory": "512Mi"}, "limits": {"cpu": "2", "memory": "2Gi"}},
-                 id="big-requests-and-limits-capped"),
-    pytest.param({"limits": {"cpu": "250m", "memory": "64Mi"}},
-                 {"requests": {"cpu": "250m", "memory": "64Mi"}, "limits": {"cpu": "250m", "memory": "64Mi"}},
-                 id="filled-request-never-exceeds-limit"),
-    pytest.param({"requests": {"cpu": "1", "memory": "256Mi"}, "limits": {"cpu": "500m", "memory": "128Mi"}},
-                 {"requests": {"cpu": "1", "memory": "256Mi"}, "limits": {"cpu": "1", "memory": "256Mi"}},
-                 id="limit-below-request-raised"),
-    pytest.param({"requests": {"cpu": 1, "memory": "128Mi"}, "limits": {"cpu": 2, "memory": "512Mi"}},
-                 {"requests": {"cpu": 1, "memory": "128Mi"}, "limits": {"cpu": 2, "memory": "512Mi"}},
-                 id="integer-quantities-kept-as-written"),
-    pytest.param({"requests": {"cpu": "0.5", "memory": "134217728"}, "limits": {"cpu": "2000m", "memory": "0.5Gi"}},
-                 {"requests": {"cpu": "0.5", "memory": "134217728"}, "limits": {"cpu": "2000m", "memory": "0.5Gi"}},
-                 id="equivalent-spellings-untouched"),
+    pytest.param(
+        {},
+        {"requests": {"cpu": "500m", "memory": "128Mi"}, "limits": {"cpu": "2", "memory": "512Mi"}},
+        id="missing-all-filled",
+    ),
+    pytest.param(
+        {"requests": {"cpu": "4", "memory": "1Gi"}, "limits": {"cpu": "4", "memory": "2Gi"}},
+        {"requests": {"cpu": "1", "memory": "512Mi"}, "limits": {"cpu": "2", "memory": "2Gi"}},
+        id="big-requests-and-limits-capped",
+    ),
+    pytest.param(
+        {"limits": {"cpu": "250m", "memory": "64Mi"}},
+        {
+            "requests": {"cpu": "250m", "memory": "64Mi"},
+            "limits": {"cpu": "250m", "memory": "64Mi"},
+        },
+        id="filled-request-never-exceeds-limit",
+    ),
+    pytest.param(
+        {"requests": {"cpu": "1", "memory": "256Mi"}, "limits": {"cpu": "500m", "memory": "128Mi"}},
+        {"requests": {"cpu": "1", "memory": "256Mi"}, "limits": {"cpu": "1", "memory": "256Mi"}},
+        id="limit-below-request-raised",
+    ),
+    pytest.param(
+        {"requests": {"cpu": 1, "memory": "128Mi"}, "limits": {"cpu": 2, "memory": "512Mi"}},
+        {"requests": {"cpu": 1, "memory": "128Mi"}, "limits": {"cpu": 2, "memory": "512Mi"}},
+        id="integer-quantities-kept-as-written",
+    ),
+    pytest.param(
+        {
+            "requests": {"cpu": "0.5", "memory": "134217728"},
+            "limits": {"cpu": "2000m", "memory": "0.5Gi"},
+        },
+        {
+            "requests": {"cpu": "0.5", "memory": "134217728"},
+            "limits": {"cpu": "2000m", "memory": "0.5Gi"},
+        },
+        id="equivalent-spellings-untouched",
+    ),
 ]
 
 
@@ -94,7 +121,9 @@ def test_a_quantity_that_does_not_parse_is_denied_naming_field_value_and_rule():
 
 @pytest.mark.parametrize("webhook", ["mutate", "validate"])
 def test_warn_mode_changes_nothing(webhook):
-    settings = with_rules(requestsPresent=RequestsPresent("warn"), limitsPresent=LimitsPresent("warn"))
+    settings = with_rules(
+        requestsPresent=RequestsPresent("warn"), limitsPresent=LimitsPresent("warn")
+    )
     verdict, pod = run(stunnerd_pod(resources={}), webhook=webhook, settings=settings)
     assert verdict.allowed
     assert resources(pod) == {}
@@ -107,13 +136,19 @@ def test_warn_mode_warns_from_the_validating_webhook_only():
     validated, _ = run(pod, webhook="validate", settings=settings)
     assert not any("requests" in w for w in mutated.warnings)
     assert validated.allowed
-    assert any("resources.requests.cpu is <unset>" in w and "requestsPresent" in w
-               for w in validated.warnings)
+    assert any(
+        "resources.requests.cpu is <unset>" in w and "requestsPresent" in w
+        for w in validated.warnings
+    )
 
 
 def test_off_rules_leave_resources_alone():
-    settings = with_rules(requestsPresent=RequestsPresent("off"), requestsMinimal=RequestsMinimal("off"),
-                          limitsPresent=LimitsPresent("off"), limitsSane=LimitsSane("off"))
+    settings = with_rules(
+        requestsPresent=RequestsPresent("off"),
+        requestsMinimal=RequestsMinimal("off"),
+        limitsPresent=LimitsPresent("off"),
+        limitsSane=LimitsSane("off"),
+    )
     _, pod = run(stunnerd_pod(resources={"requests": {"cpu": "8"}}), settings=settings)
     assert resources(pod) == {"requests": {"cpu": "8"}}
 
@@ -127,17 +162,26 @@ def test_validating_webhook_denies_what_enforce_mode_should_have_fixed():
 
 @hsettings(max_examples=150, deadline=None)
 @given(
-    st.dictionaries(st.sampled_from(["requests", "limits"]),
-                    st.dictionaries(st.sampled_from(["cpu", "memory"]),
-                                    st.sampled_from(["0", "100m", "250m", "1", "1500m", "3", 7,
-                                                     "64Mi", "1Gi", "3Gi", "0.5"]))),
+    st.dictionaries(
+        st.sampled_from(["requests", "limits"]),
+        st.dictionaries(
+            st.sampled_from(["cpu", "memory"]),
+            st.sampled_from(
+                ["0", "100m", "250m", "1", "1500m", "3", 7, "64Mi", "1Gi", "3Gi", "0.5"]
+            ),
+        ),
+    ),
     st.sampled_from(["enforce", "warn", "off"]),
     st.sampled_from(["enforce", "warn", "off"]),
 )
-def test_the_guard_never_emits_a_request_above_its_limit(given_resources, requests_mode, limits_mode):
-    settings = with_rules(requestsPresent=RequestsPresent(requests_mode),
-                          requestsMinimal=RequestsMinimal(requests_mode),
-                          limitsPresent=LimitsPresent(limits_mode))
+def test_the_guard_never_emits_a_request_above_its_limit(
+    given_resources, requests_mode, limits_mode
+):
+    settings = with_rules(
+        requestsPresent=RequestsPresent(requests_mode),
+        requestsMinimal=RequestsMinimal(requests_mode),
+        limitsPresent=LimitsPresent(limits_mode),
+    )
     original = stunnerd_pod(resources=copy.deepcopy(given_resources))
     verdict, pod = run(original, settings=settings)
     before = given_resources
@@ -155,34 +199,54 @@ def test_the_guard_never_emits_a_request_above_its_limit(given_resources, reques
 # ---------------------------------------------------------------- listener threads
 
 THREAD_CASES = [
-    pytest.param("2", ["-w", "--udp-thread-num=16"], ["-w", "--udp-thread-num=16"], id="default-pairing"),
+    pytest.param(
+        "2", ["-w", "--udp-thread-num=16"], ["-w", "--udp-thread-num=16"], id="default-pairing"
+    ),
     pytest.param("1", ["-w", "--udp-thread-num=16"], ["-w", "--udp-thread-num=8"], id="equals"),
-    pytest.param("2", ["--udp-thread-num", "4", "-w"], ["--udp-thread-num", "16", "-w"], id="next-arg"),
+    pytest.param(
+        "2", ["--udp-thread-num", "4", "-w"], ["--udp-thread-num", "16", "-w"], id="next-arg"
+    ),
     pytest.param("2", ["-u", "4"], ["-u", "16"], id="short"),
     pytest.param("2", ["-u=4"], ["-u=16"], id="short-equals"),
     pytest.param("2", ["-u4"], ["-u16"], id="short-attached"),
     pytest.param("500m", ["-w"], ["-w", "--udp-thread-num=4"], id="absent-appended"),
-    pytest.param("250m", ["-w", "--", "extra"], ["-w", "--udp-thread-num=2", "--", "extra"],
-                 id="inserted-before-double-dash"),
+    pytest.param(
+        "250m",
+        ["-w", "--", "extra"],
+        ["-w", "--udp-thread-num=2", "--", "extra"],
+        id="inserted-before-double-dash",
+    ),
     pytest.param("100m", ["-u", "8"], ["-u", "1"], id="at-least-one"),
-    pytest.param("2", ["-u", "1", "--udp-thread-num=3"], ["-u", "16", "--udp-thread-num=16"],
-                 id="every-occurrence"),
-    pytest.param("2", ["-w", "--udp-thread-num"], ["-w", "--udp-thread-num", "16"], id="missing-value"),
+    pytest.param(
+        "2",
+        ["-u", "1", "--udp-thread-num=3"],
+        ["-u", "16", "--udp-thread-num=16"],
+        id="every-occurrence",
+    ),
+    pytest.param(
+        "2", ["-w", "--udp-thread-num"], ["-w", "--udp-thread-num", "16"], id="missing-value"
+    ),
     pytest.param("2", ["-w", "-u", "many"], ["-w", "-u", "16"], id="garbage-value"),
 ]
 
 
 @pytest.mark.parametrize(("cpu_limit", "args", "expected"), THREAD_CASES)
 def test_udp_thread_num_matches_the_cpu_limit(cpu_limit, args, expected):
-    pod = stunnerd_pod(args=args, resources={"requests": {"cpu": "100m", "memory": "64Mi"},
-                                             "limits": {"cpu": cpu_limit, "memory": "512Mi"}})
+    pod = stunnerd_pod(
+        args=args,
+        resources={
+            "requests": {"cpu": "100m", "memory": "64Mi"},
+            "limits": {"cpu": cpu_limit, "memory": "512Mi"},
+        },
+    )
     _, mutated = run(pod)
     assert container(mutated)["args"] == expected
 
 
 def test_thread_flag_in_the_command_is_rewritten_there():
-    pod = stunnerd_pod(command=["stunnerd", "--udp-thread-num=3"], args=["-w"],
-                       resources={"limits": {"cpu": "1"}})
+    pod = stunnerd_pod(
+        command=["stunnerd", "--udp-thread-num=3"], args=["-w"], resources={"limits": {"cpu": "1"}}
+    )
     _, mutated = run(pod)
     assert container(mutated)["command"] == ["stunnerd", "--udp-thread-num=8"]
     assert container(mutated)["args"] == ["-w"]
@@ -203,12 +267,16 @@ def test_thread_rule_respects_its_own_limits():
 
 # ---------------------------------------------------------------- grace period
 
-@pytest.mark.parametrize(("given", "expected"), [
-    pytest.param(None, 3600, id="unset-default"),
-    pytest.param(30, 600, id="api-default-raised-to-min"),
-    pytest.param(900, 900, id="in-range-kept"),
-    pytest.param(20000, 14400, id="above-max-capped"),
-])
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        pytest.param(None, 3600, id="unset-default"),
+        pytest.param(30, 600, id="api-default-raised-to-min"),
+        pytest.param(900, 900, id="in-range-kept"),
+        pytest.param(20000, 14400, id="above-max-capped"),
+    ],
+)
 def test_grace_period_is_kept_in_range(given, expected):
     pod = stunnerd_pod()
     if given is None:
@@ -239,12 +307,19 @@ def test_short_grace_period_in_warn_mode_is_a_validation_warning_about_the_drain
 
 # ---------------------------------------------------------------- drain hook (Pod CREATE)
 
+
 def test_drain_hook_is_injected_with_a_token_label_and_a_static_https_path():
     verdict, pod = run(stunnerd_pod())
     token = pod["metadata"]["labels"][DRAIN_TOKEN_LABEL]
     assert len(token) == 16
-    assert container(pod)["lifecycle"]["preStop"] == {"httpGet": {
-        "scheme": "HTTPS", "host": DRAIN_HOST, "port": 443, "path": f"/drain/media/{token}"}}
+    assert container(pod)["lifecycle"]["preStop"] == {
+        "httpGet": {
+            "scheme": "HTTPS",
+            "host": DRAIN_HOST,
+            "port": 443,
+            "path": f"/drain/media/{token}",
+        }
+    }
     assert any("lifecycle.preStop" in w for w in verdict.warnings)
 
 
@@ -252,7 +327,10 @@ def test_existing_token_is_kept_so_reinvocation_is_idempotent():
     pod = stunnerd_pod()
     pod["metadata"]["labels"][DRAIN_TOKEN_LABEL] = "feedfacecafebeef"
     _, mutated = run(pod)
-    assert container(mutated)["lifecycle"]["preStop"]["httpGet"]["path"] == "/drain/media/feedfacecafebeef"
+    assert (
+        container(mutated)["lifecycle"]["preStop"]["httpGet"]["path"]
+        == "/drain/media/feedfacecafebeef"
+    )
 
 
 def test_a_user_prestop_is_kept_and_drain_is_declared_off():
@@ -279,10 +357,14 @@ def test_drain_hook_is_not_injected_unless_enforced(mode):
 
 # ---------------------------------------------------------------- every mutation explained
 
+
 def test_every_change_is_listed_in_the_changes_annotation_and_warned():
     verdict, pod = run(stunnerd_pod(resources={"requests": {"cpu": "4"}}))
     changes = json.loads(pod["metadata"]["annotations"][CHANGES_ANNOTATION])
-    assert any(c.startswith("spec.containers[stunner-daemon].resources.requests.cpu: 4 -> 1") for c in changes)
+    assert any(
+        c.startswith("spec.containers[stunner-daemon].resources.requests.cpu: 4 -> 1")
+        for c in changes
+    )
     assert len(verdict.warnings) >= len(changes)
     assert all(len(w) <= 120 for w in verdict.warnings)
 
@@ -297,13 +379,20 @@ def test_changes_annotation_merges_with_earlier_runs():
 
 IDEMPOTENCY_OBJECTS = [
     pytest.param(stunnerd_pod(resources={"requests": {"cpu": "4"}}, args=["-u", "3"]), id="pod"),
-    pytest.param(stunnerd_pod(lifecycle={"preStop": {"exec": {"command": ["true"]}}}), id="pod-user-hook"),
+    pytest.param(
+        stunnerd_pod(lifecycle={"preStop": {"exec": {"command": ["true"]}}}), id="pod-user-hook"
+    ),
 ] + [
     pytest.param(doc, id=f"{path.name}:{doc['kind']}")
-    for path in sorted(STUNNER.glob("*.yaml")) if not path.name.startswith(("crd_", "helm_"))
+    for path in sorted(STUNNER.glob("*.yaml"))
+    if not path.name.startswith(("crd_", "helm_"))
     for doc in load_yaml_docs(path)
-    if admission.handler_for(doc["apiVersion"].rpartition("/")[0],
-                             doc["apiVersion"].rpartition("/")[2], doc["kind"], "CREATE")
+    if admission.handler_for(
+        doc["apiVersion"].rpartition("/")[0],
+        doc["apiVersion"].rpartition("/")[2],
+        doc["kind"],
+        "CREATE",
+    )
 ]
 
 
@@ -325,16 +414,23 @@ def test_the_validating_webhook_accepts_what_the_mutating_webhook_produced(obj):
 
 # ---------------------------------------------------------------- Dataplane
 
+
 def dataplane(api_version="stunner.l7mp.io/v1", **spec) -> dict:
-    return {"apiVersion": api_version, "kind": "Dataplane", "metadata": {"name": "default"},
-            "spec": spec}
+    return {
+        "apiVersion": api_version,
+        "kind": "Dataplane",
+        "metadata": {"name": "default"},
+        "spec": spec,
+    }
 
 
 def test_dataplane_gets_resources_threads_grace_and_metrics():
     _, dp = run(dataplane(resources={"limits": {"cpu": "1"}}))
     spec = dp["spec"]
-    assert spec["resources"] == {"limits": {"cpu": "1", "memory": "512Mi"},
-                                 "requests": {"cpu": "500m", "memory": "128Mi"}}
+    assert spec["resources"] == {
+        "limits": {"cpu": "1", "memory": "512Mi"},
+        "requests": {"cpu": "500m", "memory": "128Mi"},
+    }
     # args were unset: the operator's defaults, with the thread count matched to 1 core.
     assert spec["args"] == ["-w", "--udp-thread-num=8"]
     assert spec["terminationGracePeriodSeconds"] == 3600
@@ -342,8 +438,14 @@ def test_dataplane_gets_resources_threads_grace_and_metrics():
 
 
 def test_dataplane_with_operator_default_args_and_two_cores_keeps_args_unset():
-    _, dp = run(dataplane(resources={"limits": {"cpu": 2, "memory": "512Mi"},
-                                     "requests": {"cpu": "500m", "memory": "128Mi"}}))
+    _, dp = run(
+        dataplane(
+            resources={
+                "limits": {"cpu": 2, "memory": "512Mi"},
+                "requests": {"cpu": "500m", "memory": "128Mi"},
+            }
+        )
+    )
     assert "args" not in dp["spec"]
 
 
@@ -369,13 +471,19 @@ def test_dataplane_without_spec_gets_one():
 
 # ---------------------------------------------------------------- Deployment
 
+
 def deployment(owned: bool, **container_fields) -> dict:
     pod = stunnerd_pod(**container_fields)
     labels = {"stunner.l7mp.io/owned-by": "stunner"} if owned else {}
-    return {"apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": {"name": "udp-gateway", "namespace": "media", "labels": labels},
-            "spec": {"selector": {"matchLabels": {"app": "stunner"}},
-                     "template": {"metadata": {"labels": {"app": "stunner"}}, "spec": pod["spec"]}}}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "udp-gateway", "namespace": "media", "labels": labels},
+        "spec": {
+            "selector": {"matchLabels": {"app": "stunner"}},
+            "template": {"metadata": {"labels": {"app": "stunner"}}, "spec": pod["spec"]},
+        },
+    }
 
 
 def test_operator_owned_deployment_is_never_mutated():
@@ -384,15 +492,18 @@ def test_operator_owned_deployment_is_never_mutated():
 
 
 def test_operator_owned_deployment_validation_warns_what_pods_will_get():
-    verdict, _ = run(deployment(owned=True, resources={"requests": {"cpu": "4"}}), webhook="validate")
+    verdict, _ = run(
+        deployment(owned=True, resources={"requests": {"cpu": "4"}}), webhook="validate"
+    )
     assert verdict.allowed
     assert any("pods will get" in w and "requests.cpu=1" in w for w in verdict.warnings)
     assert any("set these in the Dataplane" in w for w in verdict.warnings)
 
 
 def test_operator_owned_deployment_is_denied_what_its_pods_would_be_denied():
-    verdict, _ = run(deployment(owned=True, resources={"limits": {"memory": "a lot"}}),
-                     webhook="validate")
+    verdict, _ = run(
+        deployment(owned=True, resources={"limits": {"memory": "a lot"}}), webhook="validate"
+    )
     assert not verdict.allowed
     assert "resources.limits.memory is 'a lot'" in verdict.message
 
@@ -411,28 +522,47 @@ def test_non_stunnerd_pods_are_untouched():
     assert verdict.patch == [] and mutated == pod
 
 
-@pytest.mark.parametrize(("fields", "expected"), [
-    ({"name": "stunnerd", "image": "x", "command": None}, True),
-    ({"name": "app", "image": "registry.local:5000/l7mp/stunnerd@sha256:abc", "command": None}, True),
-    ({"name": "app", "image": "busybox", "command": ["/usr/local/bin/stunnerd"]}, True),
-    ({"name": "app", "image": "stunnerd-exporter:1", "command": None}, False),
-])
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"name": "stunnerd", "image": "x", "command": None}, True),
+        (
+            {
+                "name": "app",
+                "image": "registry.local:5000/l7mp/stunnerd@sha256:abc",
+                "command": None,
+            },
+            True,
+        ),
+        ({"name": "app", "image": "busybox", "command": ["/usr/local/bin/stunnerd"]}, True),
+        ({"name": "app", "image": "stunnerd-exporter:1", "command": None}, False),
+    ],
+)
 def test_stunnerd_container_detection(fields, expected):
     from webhooks.stunnerd import is_stunnerd
 
     assert is_stunnerd(container(stunnerd_pod(**fields))) is expected
 
 
-
 def test_operator_owned_advice_derives_threads_from_the_limit_the_pods_will_get():
-    verdict, _ = run(deployment(owned=True, args=["-w", "--udp-thread-num=16"],
-                                resources={"limits": {"cpu": "8"}}), webhook="validate")
+    verdict, _ = run(
+        deployment(
+            owned=True, args=["-w", "--udp-thread-num=16"], resources={"limits": {"cpu": "8"}}
+        ),
+        webhook="validate",
+    )
     assert any("limits.cpu=2" in w for w in verdict.warnings)
     # 8 cores would mean 64 -> capped 16 (no advice); the pods' 2 cores mean 16 too.
     assert not any("--udp-thread-num" in w for w in verdict.warnings)
-    verdict, _ = run(deployment(owned=True, args=["-w", "--udp-thread-num=16"],
-                                resources={"limits": {"cpu": "8"}, "requests": {"cpu": "1"}}),
-                     webhook="validate", settings=with_rules(limitsSane=LimitsSane(maxCpu="1")))
+    verdict, _ = run(
+        deployment(
+            owned=True,
+            args=["-w", "--udp-thread-num=16"],
+            resources={"limits": {"cpu": "8"}, "requests": {"cpu": "1"}},
+        ),
+        webhook="validate",
+        settings=with_rules(limitsSane=LimitsSane(maxCpu="1")),
+    )
     assert any("--udp-thread-num=8" in w for w in verdict.warnings)
 
 
@@ -448,15 +578,32 @@ def _user_hook_pod_without_annotations() -> dict:
     return pod
 
 
-@pytest.mark.parametrize("obj", [
-    pytest.param(_bare_metadata_pod(), id="pod-without-labels-or-annotations"),
-    pytest.param(_user_hook_pod_without_annotations(), id="pod-user-hook-no-labels"),
-    pytest.param({"apiVersion": "stunner.l7mp.io/v1", "kind": "Dataplane", "metadata": {"name": "d"},
-                  "spec": {"args": ["-u", "3"]}}, id="dataplane-no-annotations"),
-    pytest.param({"apiVersion": "stunner.l7mp.io/v1", "kind": "Dataplane", "metadata": "junk",
-                  "spec": "junk"}, id="dataplane-junk"),
-    pytest.param(deployment(owned=False, resources={}), id="deployment"),
-])
+@pytest.mark.parametrize(
+    "obj",
+    [
+        pytest.param(_bare_metadata_pod(), id="pod-without-labels-or-annotations"),
+        pytest.param(_user_hook_pod_without_annotations(), id="pod-user-hook-no-labels"),
+        pytest.param(
+            {
+                "apiVersion": "stunner.l7mp.io/v1",
+                "kind": "Dataplane",
+                "metadata": {"name": "d"},
+                "spec": {"args": ["-u", "3"]},
+            },
+            id="dataplane-no-annotations",
+        ),
+        pytest.param(
+            {
+                "apiVersion": "stunner.l7mp.io/v1",
+                "kind": "Dataplane",
+                "metadata": "junk",
+                "spec": "junk",
+            },
+            id="dataplane-junk",
+        ),
+        pytest.param(deployment(owned=False, resources={}), id="deployment"),
+    ],
+)
 def test_rules_never_modify_the_request_object_whatever_its_shape(obj):
     verdict, mutated = run(obj)  # run() asserts the input is untouched
     assert mutated != obj or not verdict.patch

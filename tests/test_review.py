@@ -13,8 +13,13 @@ from webhooks.rules.common import copy_tree
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.text("ab/~", max_size=3))
 keys = st.text("ab/~.", min_size=0, max_size=3)
-trees = st.recursive(scalars, lambda children: st.one_of(
-    st.lists(children, max_size=4), st.dictionaries(keys, children, max_size=4)), max_leaves=25)
+trees = st.recursive(
+    scalars,
+    lambda children: st.one_of(
+        st.lists(children, max_size=4), st.dictionaries(keys, children, max_size=4)
+    ),
+    max_leaves=25,
+)
 
 
 @st.composite
@@ -25,7 +30,9 @@ def edited(draw, tree):
         node, containers = result, []
         while isinstance(node, dict | list) and node and draw(st.booleans()):
             containers.append(node)
-            node = node[draw(st.sampled_from(sorted(node) if isinstance(node, dict) else range(len(node))))]
+            node = node[
+                draw(st.sampled_from(sorted(node) if isinstance(node, dict) else range(len(node))))
+            ]
         target = node if isinstance(node, dict | list) else (containers[-1] if containers else None)
         if isinstance(target, dict):
             target[draw(keys)] = draw(trees)

@@ -24,12 +24,17 @@ Handler = Callable[[Any, Context], Outcome]
 # (group, kind) -> (versions, operations, handler)
 HANDLERS: dict[tuple[str, str], tuple[frozenset[str], frozenset[str], Handler]] = {
     ("stunner.l7mp.io", "Dataplane"): (
-        frozenset({"v1", "v1alpha1"}), frozenset({"CREATE", "UPDATE"}), dataplane.review),
+        frozenset({"v1", "v1alpha1"}),
+        frozenset({"CREATE", "UPDATE"}),
+        dataplane.review,
+    ),
     ("", "Pod"): (frozenset({"v1"}), frozenset({"CREATE"}), pod.review),
-    ("apps", "Deployment"): (
-        frozenset({"v1"}), frozenset({"CREATE", "UPDATE"}), deployment.review),
+    ("apps", "Deployment"): (frozenset({"v1"}), frozenset({"CREATE", "UPDATE"}), deployment.review),
     ("autoscaling", "HorizontalPodAutoscaler"): (
-        frozenset({"v2"}), frozenset({"CREATE", "UPDATE"}), hpa.review),
+        frozenset({"v2"}),
+        frozenset({"CREATE", "UPDATE"}),
+        hpa.review,
+    ),
 }
 
 

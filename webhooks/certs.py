@@ -70,9 +70,15 @@ def generate(
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, crl_sign=True,
-                content_commitment=False, key_encipherment=False, data_encipherment=False,
-                key_agreement=False, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -82,8 +88,10 @@ def generate(
     key = ec.generate_private_key(ec.SECP256R1())
     sans = [x509.DNSName("localhost")]
     sans += [x509.DNSName(n) for n in service_dns_names(service, namespace)]
-    sans += [x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-             x509.IPAddress(ipaddress.ip_address("::1"))]
+    sans += [
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        x509.IPAddress(ipaddress.ip_address("::1")),
+    ]
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(f"{service}.{namespace}.svc"))
@@ -118,8 +126,11 @@ def write(directory: Path, files: dict[str, bytes]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m webhooks.certs", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m webhooks.certs",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("directory", nargs="?", default="certs")
     parser.add_argument("--service", default=DEFAULT_SERVICE)
     parser.add_argument("--namespace", default=DEFAULT_NAMESPACE)
@@ -131,8 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{directory}/tls.crt exists; keeping it (--force to replace)")
         return 0
     write(directory, generate(args.service, args.namespace, args.days))
-    print(f"wrote {directory}/ca.crt, ca.key, tls.crt, tls.key "
-          f"(SANs: localhost, 127.0.0.1, ::1, {args.service}.{args.namespace}.svc ...)")
+    print(
+        f"wrote {directory}/ca.crt, ca.key, tls.crt, tls.key "
+        f"(SANs: localhost, 127.0.0.1, ::1, {args.service}.{args.namespace}.svc ...)"
+    )
     return 0
 
 

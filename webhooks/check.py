@@ -40,9 +40,12 @@ class ManifestLookup:
     def _find(self, api_version: str, kind: str, namespace: str | None, name: str):
         for obj in self.objects:
             meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
-            if (obj.get("kind") == kind and str(obj.get("apiVersion")).startswith(api_version)
-                    and meta.get("name") == name
-                    and (namespace is None or (meta.get("namespace") or "default") == namespace)):
+            if (
+                obj.get("kind") == kind
+                and str(obj.get("apiVersion")).startswith(api_version)
+                and meta.get("name") == name
+                and (namespace is None or (meta.get("namespace") or "default") == namespace)
+            ):
                 return obj
         return None
 
@@ -60,9 +63,17 @@ def _request(obj: dict, webhook_object: dict) -> review.Request:
     meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
     namespace = "" if kind in CLUSTER_SCOPED else (meta.get("namespace") or "default")
     return review.Request(
-        uid=str(uuid.uuid4()), group=group, version=version, kind=kind, operation="CREATE",
-        namespace=namespace, name=meta.get("name") or "", sub_resource="", dry_run=True,
-        object=webhook_object, old_object=None,
+        uid=str(uuid.uuid4()),
+        group=group,
+        version=version,
+        kind=kind,
+        operation="CREATE",
+        namespace=namespace,
+        name=meta.get("name") or "",
+        sub_resource="",
+        dry_run=True,
+        object=webhook_object,
+        old_object=None,
     )
 
 
@@ -106,10 +117,12 @@ def _load(paths: list[str], stdin: TextIO) -> list[tuple[str, dict]]:
     return docs
 
 
-def main(argv: list[str] | None = None, stdin: TextIO = sys.stdin,
-         stdout: TextIO = sys.stdout) -> int:
+def main(
+    argv: list[str] | None = None, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout
+) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m webhooks check", description=__doc__,
+        prog="python -m webhooks check",
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("files", nargs="+", metavar="FILE", help="YAML manifests, - for stdin")
@@ -130,8 +143,7 @@ def main(argv: list[str] | None = None, stdin: TextIO = sys.stdin,
     for path, obj in docs:
         verdict, mutated, warnings = check_object(obj, service)
         changed = mutated != obj
-        state = ("DENIED" if not verdict.allowed
-                 else "allowed, mutated" if changed else "allowed")
+        state = "DENIED" if not verdict.allowed else "allowed, mutated" if changed else "allowed"
         print(f"# {_describe(obj)} ({path}): {state}", file=stdout)
         for warning in dict.fromkeys(warnings):
             print(f"#   warning: {warning}", file=stdout)
@@ -141,10 +153,14 @@ def main(argv: list[str] | None = None, stdin: TextIO = sys.stdin,
                 print(f"#   denied: {reason}", file=stdout)
         if args.diff:
             if changed:
-                stdout.writelines(difflib.unified_diff(
-                    _dump(obj).splitlines(keepends=True), _dump(mutated).splitlines(keepends=True),
-                    fromfile=f"{_describe(obj)} (input)", tofile=f"{_describe(obj)} (admitted)",
-                ))
+                stdout.writelines(
+                    difflib.unified_diff(
+                        _dump(obj).splitlines(keepends=True),
+                        _dump(mutated).splitlines(keepends=True),
+                        fromfile=f"{_describe(obj)} (input)",
+                        tofile=f"{_describe(obj)} (admitted)",
+                    )
+                )
         else:
             print("---", file=stdout)
             print(_dump(mutated), end="", file=stdout)

@@ -86,8 +86,7 @@ class Shaper:
 
     # ------------------------------------------------------------------ verdict vocabulary
 
-    def propose(self, name: str, rule: Rule, where: str, before: Any, after: Any,
-                why: str) -> bool:
+    def propose(self, name: str, rule: Rule, where: str, before: Any, after: Any, why: str) -> bool:
         """A rule wants ``where`` to go from ``before`` to ``after``. True when the caller
         should apply it to the desired object."""
         if not rule.on:
@@ -120,8 +119,9 @@ class Shaper:
     def resources(self, container: dict, where: str) -> Decimal | None:
         """Shape requests and limits; return the CPU limit (cores) the pod will run with."""
         p = self.policy
-        if not any(r.on for r in (p.requestsPresent, p.requestsMinimal, p.limitsPresent,
-                                  p.limitsSane)):
+        if not any(
+            r.on for r in (p.requestsPresent, p.requestsMinimal, p.limitsPresent, p.limitsSane)
+        ):
             return quantity(get_in(container, "resources", "limits", "cpu"))
         limits = {r: self._one_resource(container, where, r) for r in RESOURCES}
         return limits["cpu"]
@@ -148,12 +148,19 @@ class Shaper:
         request_max = getattr(p.requestsMinimal, f"max{r.capitalize()}")
         if lim is None:
             default = getattr(p.limitsPresent, r)
-            if self.propose("limitsPresent", p.limitsPresent, lim_at, None, default,
-                            "missing limit"):
+            if self.propose(
+                "limitsPresent", p.limitsPresent, lim_at, None, default, "missing limit"
+            ):
                 lim_raw, lim = default, put("limits", default)
         if lim is not None and lim > quantity(limit_max):
-            if self.propose("limitsSane", p.limitsSane, lim_at, lim_raw, limit_max,
-                            f"above the {limit_max} maximum"):
+            if self.propose(
+                "limitsSane",
+                p.limitsSane,
+                lim_at,
+                lim_raw,
+                limit_max,
+                f"above the {limit_max} maximum",
+            ):
                 lim_raw, lim = limit_max, put("limits", limit_max)
         if req is None:
             default = getattr(p.requestsPresent, r)
@@ -164,8 +171,14 @@ class Shaper:
             if self.propose("requestsPresent", p.requestsPresent, req_at, None, default, why):
                 req_raw, req = default, put("requests", default)
         if req is not None and req > quantity(request_max):
-            if self.propose("requestsMinimal", p.requestsMinimal, req_at, req_raw, request_max,
-                            f"above the {request_max} maximum; scale out, not up"):
+            if self.propose(
+                "requestsMinimal",
+                p.requestsMinimal,
+                req_at,
+                req_raw,
+                request_max,
+                f"above the {request_max} maximum; scale out, not up",
+            ):
                 req_raw, req = request_max, put("requests", request_max)
         if req is not None and lim is not None and req > lim:
             # limit >= request always: raise the limit to the request when the maximum
@@ -173,18 +186,25 @@ class Shaper:
             # request down to the capped limit.
             ceiling = quantity(limit_max) if p.limitsSane.on else req
             if req <= ceiling:
-                if self.propose("limitsSane", p.limitsSane, lim_at, lim_raw, req_raw,
-                                "limit below request"):
+                if self.propose(
+                    "limitsSane", p.limitsSane, lim_at, lim_raw, req_raw, "limit below request"
+                ):
                     lim_raw, lim = req_raw, put("limits", req_raw)
-            elif self.propose("limitsSane", p.limitsSane, req_at, req_raw, lim_raw,
-                              "request above limit"):
+            elif self.propose(
+                "limitsSane", p.limitsSane, req_at, req_raw, lim_raw, "request above limit"
+            ):
                 req_raw, req = lim_raw, put("requests", lim_raw)
         return lim
 
     # ------------------------------------------------------------------ threads
 
-    def threads(self, container: dict, where: str, cpu_limit: Decimal | None,
-                default_args: list | None = None) -> None:
+    def threads(
+        self,
+        container: dict,
+        where: str,
+        cpu_limit: Decimal | None,
+        default_args: list | None = None,
+    ) -> None:
         """``--udp-thread-num`` = min(max, perCore x CPU limit), at least 1. The flag may sit
         in ``command[1:]`` or in ``args``; ``default_args`` is what runs when ``args`` is
         unset (the operator's defaults for a Dataplane; unknown image CMD for a Pod)."""
@@ -218,8 +238,11 @@ class Shaper:
         if current and all(v == str(want) for v in current):
             return
         now = ",".join(show(v) for v in current) if current else None
-        why = (f"{rule.perCore}/core x CPU limit {format_cores(cpu_limit)}, max {rule.max}"
-               if cpu_limit is not None else f"no CPU limit: max {rule.max}")
+        why = (
+            f"{rule.perCore}/core x CPU limit {format_cores(cpu_limit)}, max {rule.max}"
+            if cpu_limit is not None
+            else f"no CPU limit: max {rule.max}"
+        )
         if self.propose("listenerThreads", rule, f"{at} --udp-thread-num", now, want, why):
             container[key] = argv[:head] + stunnerd.with_threads(argv[head:], want)
 

@@ -238,18 +238,42 @@ def _check_policy(p: Policy) -> None:
     guard would emit objects its own validation denies."""
     q = _quantity
     pairs = [
-        ("rules.requestsPresent.cpu", p.requestsPresent.cpu,
-         "rules.requestsMinimal.maxCpu", p.requestsMinimal.maxCpu),
-        ("rules.requestsPresent.memory", p.requestsPresent.memory,
-         "rules.requestsMinimal.maxMemory", p.requestsMinimal.maxMemory),
-        ("rules.limitsPresent.cpu", p.limitsPresent.cpu,
-         "rules.limitsSane.maxCpu", p.limitsSane.maxCpu),
-        ("rules.limitsPresent.memory", p.limitsPresent.memory,
-         "rules.limitsSane.maxMemory", p.limitsSane.maxMemory),
-        ("rules.requestsMinimal.maxCpu", p.requestsMinimal.maxCpu,
-         "rules.limitsSane.maxCpu", p.limitsSane.maxCpu),
-        ("rules.requestsMinimal.maxMemory", p.requestsMinimal.maxMemory,
-         "rules.limitsSane.maxMemory", p.limitsSane.maxMemory),
+        (
+            "rules.requestsPresent.cpu",
+            p.requestsPresent.cpu,
+            "rules.requestsMinimal.maxCpu",
+            p.requestsMinimal.maxCpu,
+        ),
+        (
+            "rules.requestsPresent.memory",
+            p.requestsPresent.memory,
+            "rules.requestsMinimal.maxMemory",
+            p.requestsMinimal.maxMemory,
+        ),
+        (
+            "rules.limitsPresent.cpu",
+            p.limitsPresent.cpu,
+            "rules.limitsSane.maxCpu",
+            p.limitsSane.maxCpu,
+        ),
+        (
+            "rules.limitsPresent.memory",
+            p.limitsPresent.memory,
+            "rules.limitsSane.maxMemory",
+            p.limitsSane.maxMemory,
+        ),
+        (
+            "rules.requestsMinimal.maxCpu",
+            p.requestsMinimal.maxCpu,
+            "rules.limitsSane.maxCpu",
+            p.limitsSane.maxCpu,
+        ),
+        (
+            "rules.requestsMinimal.maxMemory",
+            p.requestsMinimal.maxMemory,
+            "rules.limitsSane.maxMemory",
+            p.limitsSane.maxMemory,
+        ),
     ]
     for low_key, low, high_key, high in pairs:
         if q(low, low_key) > q(high, high_key):

@@ -84,7 +84,7 @@ def _value(argv: list, index: int, spelling: str) -> str | None:
         return nxt if isinstance(nxt, str) else None
     if spelling == "equals":
         return arg.split("=", 1)[1]
-    return arg[len(THREAD_SHORT):]
+    return arg[len(THREAD_SHORT) :]
 
 
 def thread_values(argv: list) -> list[str | None]:

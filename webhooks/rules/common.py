@@ -53,7 +53,8 @@ def copy_containers_for_edit(pod_spec: dict) -> None:
         return
     pod_spec["containers"] = [
         {**c, **{k: copy_tree(c[k]) for k in CONTAINER_EDITABLE if k in c}}
-        if isinstance(c, dict) else c
+        if isinstance(c, dict)
+        else c
         for c in containers
     ]
 

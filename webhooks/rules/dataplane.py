@@ -21,14 +21,25 @@ def review(obj: dict, ctx: Context) -> Outcome:
     shaper.container(spec, "spec", default_args=stunnerd.OPERATOR_DEFAULT_ARGS)
     shaper.grace(spec, "spec")
     if ctx.api_version in METRICS_VERSIONS and spec.get("enableMetricsEndpoint") is not True:
-        if shaper.propose("metricsEndpoint", policy.metricsEndpoint, "spec.enableMetricsEndpoint",
-                          spec.get("enableMetricsEndpoint"), True,
-                          "the drain reads stunner_allocations_active"):
+        if shaper.propose(
+            "metricsEndpoint",
+            policy.metricsEndpoint,
+            "spec.enableMetricsEndpoint",
+            spec.get("enableMetricsEndpoint"),
+            True,
+            "the drain reads stunner_allocations_active",
+        ):
             spec["enableMetricsEndpoint"] = True
     replicas = spec.get("replicas")
     if replicas is not None and replicas != 1:
-        if shaper.propose("hpaReplicas", policy.hpaReplicas, "spec.replicas", replicas, 1,
-                          "the operator would overwrite the HPA's replica count"):
+        if shaper.propose(
+            "hpaReplicas",
+            policy.hpaReplicas,
+            "spec.replicas",
+            replicas,
+            1,
+            "the operator would overwrite the HPA's replica count",
+        ):
             spec["replicas"] = 1
     if spec:
         desired["spec"] = spec

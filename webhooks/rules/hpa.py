@@ -28,14 +28,23 @@ from webhooks.rules.deployment import operator_owned, template_spec
 def review(obj: dict, ctx: Context) -> Outcome:
     policy = ctx.settings.policy
     target = get_in(obj, "spec", "scaleTargetRef")
-    if (ctx.mutating or not isinstance(target, dict) or target.get("kind") != "Deployment"
-            or not isinstance(target.get("name"), str)
-            or not (policy.hpaFeasibility.on or policy.hpaReplicas.on)):
+    if (
+        ctx.mutating
+        or not isinstance(target, dict)
+        or target.get("kind") != "Deployment"
+        or not isinstance(target.get("name"), str)
+        or not (policy.hpaFeasibility.on or policy.hpaReplicas.on)
+    ):
         return Outcome()
     name = target["name"]
     outcome = Outcome()
-    deployment = _read(ctx, outcome, lambda kube: kube.read_deployment(ctx.namespace, name),
-                       f"Deployment {ctx.namespace}/{name}", "HPA feasibility not checked")
+    deployment = _read(
+        ctx,
+        outcome,
+        lambda kube: kube.read_deployment(ctx.namespace, name),
+        f"Deployment {ctx.namespace}/{name}",
+        "HPA feasibility not checked",
+    )
     if deployment is None:
         return outcome
     spec = template_spec(deployment)
@@ -48,8 +57,9 @@ def review(obj: dict, ctx: Context) -> Outcome:
     return outcome
 
 
-def _read(ctx: Context, outcome: Outcome, read, what: str,
-          if_missing: str | None = None) -> dict | None:
+def _read(
+    ctx: Context, outcome: Outcome, read, what: str, if_missing: str | None = None
+) -> dict | None:
     if ctx.kube is None:
         outcome.warnings.append(f"stunner-guard has no Kubernetes API access; {what} not checked")
         ctx.on_kube_unreachable()
@@ -94,23 +104,30 @@ def _utilization_targets(hpa: dict, containers: list[dict]):
             continue
         target = get_in(source, "target")
         utilization = get_in(target, "averageUtilization")
-        if (get_in(source, "name") == "cpu" and get_in(target, "type") == "Utilization"
-                and isinstance(utilization, int) and not isinstance(utilization, bool)
-                and measured):
+        if (
+            get_in(source, "name") == "cpu"
+            and get_in(target, "type") == "Utilization"
+            and isinstance(utilization, int)
+            and not isinstance(utilization, bool)
+            and measured
+        ):
             field = "resource" if kind == "Resource" else "containerResource"
             yield f"spec.metrics[{i}].{field}.target.averageUtilization", utilization, measured
 
 
-def _check_feasibility(hpa: dict, ctx: Context, outcome: Outcome, spec: dict,
-                       deployment: str) -> None:
+def _check_feasibility(
+    hpa: dict, ctx: Context, outcome: Outcome, spec: dict, deployment: str
+) -> None:
     rule = ctx.settings.policy.hpaFeasibility
     containers = [c for c in spec.get("containers") or [] if isinstance(c, dict)]
     for where, utilization, measured in _utilization_targets(hpa, containers):
         requests = [_cpu(c, "requests") for c in measured]
         limits = [_cpu(c, "limits") for c in measured]
         if any(r is None or r == 0 for r in requests):
-            problem = (f"the pods of Deployment {ctx.namespace}/{deployment} have no CPU request, "
-                       "so CPU utilization is undefined and the HPA never scales")
+            problem = (
+                f"the pods of Deployment {ctx.namespace}/{deployment} have no CPU request, "
+                "so CPU utilization is undefined and the HPA never scales"
+            )
         elif any(lim is None for lim in limits):
             continue  # no CPU limit: usage is not capped, the target is reachable
         else:
@@ -127,8 +144,9 @@ def _check_feasibility(hpa: dict, ctx: Context, outcome: Outcome, spec: dict,
                 f"{highest}% or raise the limit"
             )
         if rule.enforced:
-            outcome.denials.append(f"{ctx.subject}: {where} is {utilization}: {problem} "
-                                   "(rule hpaFeasibility)")
+            outcome.denials.append(
+                f"{ctx.subject}: {where} is {utilization}: {problem} (rule hpaFeasibility)"
+            )
         else:
             outcome.warnings.append(f"{where}={utilization} can never fire (hpaFeasibility)")
 
@@ -140,10 +158,11 @@ def _check_dataplane_replicas(ctx: Context, outcome: Outcome) -> None:
     replicas = get_in(dataplane, "spec", "replicas")
     if replicas is None or replicas == 1:
         return
-    problem = (f"Dataplane {name} sets spec.replicas={replicas}: the STUNner operator writes it "
-               "into the Deployment and overrides this HPA (rule hpaReplicas)")
+    problem = (
+        f"Dataplane {name} sets spec.replicas={replicas}: the STUNner operator writes it "
+        "into the Deployment and overrides this HPA (rule hpaReplicas)"
+    )
     if rule.enforced:
         outcome.denials.append(f"{ctx.subject}: {problem}")
     else:
         outcome.warnings.append(f"Dataplane {name} spec.replicas={replicas} fights this HPA")
-

@@ -82,8 +82,14 @@ def inject_drain_hook(pod: dict, ctx: Context, shaper: Shaper) -> None:
     hook = {"httpGet": {"scheme": "HTTPS", "host": host, "port": port, "path": path}}
     applied = False
     for where, container in needing:
-        if shaper.propose("drainHook", rule, where, None, f"GET {path}",
-                          "hold SIGTERM until TURN allocations drain"):
+        if shaper.propose(
+            "drainHook",
+            rule,
+            where,
+            None,
+            f"GET {path}",
+            "hold SIGTERM until TURN allocations drain",
+        ):
             if not isinstance(container.get("lifecycle"), dict):
                 container["lifecycle"] = {}
             container["lifecycle"]["preStop"] = hook
