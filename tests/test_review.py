@@ -6,7 +6,8 @@ from __future__ import annotations
 import copy
 
 import jsonpatch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from webhooks import review
 from webhooks.rules.common import copy_tree
