@@ -102,6 +102,7 @@ class Target:
     # Labels on the allocation series (the exporter's scope labels by default).
     labels: dict[str, str] = field(default_factory=lambda: dict(OTEL_LABELS))
     scrapes: list[float] = field(default_factory=list)  # time.monotonic() of each request
+    connections: int = 0  # accepted: with keep-alive, far fewer than scrapes
     _fleet: FakeStunnerdFleet | None = field(default=None, repr=False)
 
     @property
@@ -147,6 +148,7 @@ class _Conn:
     target: Target
     inbox: bytes = b""
     answered: bool = False
+    keep_alive: bool = False
     outbox: bytes = b""
     trickle: list[bytes] | None = None  # slow mode: pieces still to send, one per tick
 
@@ -184,6 +186,16 @@ class FakeStunnerdFleet:
         sock = self._listeners.pop(target, None)
         if sock is not None:
             self._call(lambda: (self._selector.unregister(sock), sock.close()))
+
+    def close_idle(self, target: Target) -> None:
+        """Close the target's open connections, as a server ending idle keep-alives does."""
+
+        def close_all() -> None:
+            for key in list(self._selector.get_map().values()):
+                if key.data[0] == "conn" and key.data[1].target is target:
+                    self._close(key.data[1])
+
+        self._call(close_all)
 
     def accept(self, target: Target) -> None:
         """Listen again after ``refuse()``."""
@@ -286,6 +298,7 @@ class FakeStunnerdFleet:
         except OSError:
             return
         sock.setblocking(False)
+        target.connections += 1
         self._selector.register(sock, selectors.EVENT_READ, ("conn", _Conn(sock, target)))
 
     def _close(self, conn: _Conn) -> None:
@@ -318,9 +331,19 @@ class FakeStunnerdFleet:
             status, body = b"500 Internal Server Error", b"internal error\n"
         else:
             status, body = b"200 OK", target.body(self.huge_bytes)
-        head = (
-            b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8"
-            b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+        head = b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8"
+        if target.mode != "huge":
+            head += b"\r\nContent-Length: %d" % len(body)
+        # A huge page ends only when the connection closes: the reader must stop counting
+        # at its limit rather than trust a Content-Length. Otherwise, like Go's net/http,
+        # keep the connection for the next request unless the client asked to close it.
+        conn.keep_alive = (
+            target.mode not in ("huge", "slow") and b"connection: close" not in conn.inbox.lower()
+        )
+        head += (
+            b"\r\nConnection: keep-alive\r\n\r\n"
+            if conn.keep_alive
+            else b"\r\nConnection: close\r\n\r\n"
         )
         if target.mode == "slow":
             # Headers at once, then the body a few bytes per tick: only a total deadline on
@@ -344,6 +367,10 @@ class FakeStunnerdFleet:
             heapq.heappush(
                 self._timers, (time.monotonic() + self.trickle_seconds, next(self._seq), conn)
             )
+            return
+        if conn.keep_alive and conn.trickle is None:
+            conn.inbox, conn.answered = b"", False  # ready for the next request
+            self._selector.modify(conn.sock, selectors.EVENT_READ, ("conn", conn))
             return
         self._close(conn)
 

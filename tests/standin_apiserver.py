@@ -33,6 +33,7 @@ import datetime
 import json
 import re
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -184,7 +185,10 @@ class StandinAPIServer:
         server.standin = self
         self.port = server.server_address[1]
         self._server = server
-        threading.Thread(target=server.serve_forever, name="standin-apiserver", daemon=True).start()
+        # A short poll interval: stop() returns within it.
+        threading.Thread(
+            target=server.serve_forever, args=(0.05,), name="standin-apiserver", daemon=True
+        ).start()
         return self
 
     def stop(self) -> None:
@@ -410,9 +414,15 @@ class _Server(ThreadingHTTPServer):
         self.standin._connections.discard(request)
         super().shutdown_request(request)
 
+    def handle_error(self, request, client_address):
+        # A client that hangs up (a closed watch, a stopped test) is not worth a traceback.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, and chunked watch streams
+    disable_nagle_algorithm = True  # headers and body go out at once, no 40 ms ACK wait
     server: _Server
 
     def log_message(self, format, *args) -> None:  # quiet: tests read counters instead

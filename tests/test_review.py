@@ -52,7 +52,7 @@ def edited(draw, tree):
     return result
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(st.data(), st.dictionaries(keys, trees, max_size=5))
 def test_the_patch_turns_the_original_into_the_desired_object(data, original):
     desired = data.draw(edited(original))

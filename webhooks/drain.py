@@ -20,11 +20,13 @@ are for people and logs:
     pod deleted while held                                            410 pod_deleted
     stunner-guard shutting down while held                            503 stopped
 
-Everything but the last three rows answers at once; only a real, observable termination
-blocks. Per process: one pod watch (label selector on the drain token label) instead of
-API calls per request, one waiter per pod however many duplicate calls arrive, at most one
-metrics read per pod per poll interval (a scheduler thread and a small pool of readers, so
-a thousand held drains cost a thousand idle request threads and nothing more).
+Only a real, observable termination blocks (drained, deadline, pod_deleted, stopped, and
+unobservable after failed reads); everything else answers at once. Per process: one pod
+watch (label selector on the drain token label) instead of API calls per request, one
+waiter per pod however many duplicate calls arrive, at most one metrics read per pod per
+poll interval, and one drain loop thread that schedules and performs every read with
+non-blocking sockets: a thousand held drains cost a thousand idle request threads, one
+kept-alive connection per pod, and about a fifth of a core for their reads.
 """
 
 from __future__ import annotations
@@ -92,6 +94,11 @@ BACKOFF_FIRST_SECONDS = 0.5
 BACKOFF_MAX_SECONDS = 30.0
 # A watch that lived this long was healthy: the next reconnect is immediate.
 HEALTHY_WATCH_SECONDS = 10.0
+
+# Reads fall due on a grid of this step, so that one pass of the drain loop starts (and
+# one select() collects) many pods' reads instead of one: a thousand pods cost fewer loop
+# passes. It delays a read by this much at most.
+READ_SLOT_SECONDS = 0.02
 
 # Events are best-effort and sent from their own thread, at most EVENTS_PER_SECOND after a
 # burst of EVENT_BURST (kubelet's own --event-qps/--event-burst defaults), so that a
@@ -224,6 +231,21 @@ _ALLOCATION_LINES = (
 )
 
 
+def _allocation_lines(text: str) -> list[str]:
+    """The page's lines of the gauge, found by searching for its name (faster than
+    splitting a page of a few hundred lines)."""
+    lines = []
+    at = text.find(ALLOCATIONS_METRIC)
+    while at >= 0:
+        start = text.rfind("\n", 0, at) + 1
+        end = text.find("\n", at)
+        end = len(text) if end < 0 else end
+        if text.startswith(_ALLOCATION_LINES, start, end):
+            lines.append(text[start:end])
+        at = text.find(ALLOCATIONS_METRIC, end)
+    return lines
+
+
 def _family_sum(text: str) -> float | None:
     # Without a TYPE line the parser yields each untyped sample as a family of its own.
     samples = [
@@ -240,7 +262,7 @@ def allocations_from_text(text: str) -> int:
     split or label them, e.g. ``otel_scope_name``). ValueError when the page is not
     Prometheus text or the value is not a count; MetricAbsent when the gauge is missing
     (metrics of a stunnerd without allocation telemetry, or another server)."""
-    lines = [line for line in text.splitlines() if line.startswith(_ALLOCATION_LINES)]
+    lines = _allocation_lines(text)
     total = _family_sum("\n".join(lines) + "\n") if lines else None
     if total is None:
         # Tell "valid page without the gauge" from "not Prometheus text at all".
@@ -706,7 +728,7 @@ class Waiter:
     read: MetricsRead | None = None  # in flight
     connection: socket.socket | None = None  # kept alive between reads
     next_scrape: float = 0.0  # monotonic
-    plan: int = 0  # the scheduler entry that is current for this waiter
+    plan: int = 0  # the drain loop's schedule entry that is current for this waiter
     answer: Answer | None = None
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -1013,7 +1035,8 @@ class Drainer:
             self._close_socket(read.sock)
         # The next read one interval after this one ended: at most one read reaches the pod
         # per poll interval, however many calls wait on it and however late this one was.
-        waiter.next_scrape = time.monotonic() + self.drain_settings.pollIntervalSeconds
+        due = time.monotonic() + self.drain_settings.pollIntervalSeconds
+        waiter.next_scrape = math.ceil(due / READ_SLOT_SECONDS) * READ_SLOT_SECONDS
         self.metrics.metric_scrapes.labels(read.result.result).inc()
         if waiter.answer is None:
             self._take_reading(waiter, read.result)

@@ -63,6 +63,9 @@ def validate() -> Response:
 @blueprint.get("/drain/<namespace>/<token>")
 def drain(namespace: str, token: str) -> Response:
     """kubelet's preStop httpGet: held until the pod's allocations are gone (drain.py)."""
+    if request.method == "HEAD":
+        # Flask serves HEAD with the GET view; a probe must not start (and hold) a drain.
+        return _plain(405, "HEAD does not drain; the preStop hook sends GET")
     answer = _service().drainer.drain(namespace, token)
     response = jsonify(answer.body())
     response.status_code = answer.status

@@ -54,8 +54,8 @@ class Metrics:
         )
         self.drain_outcomes = Counter(
             "stunner_guard_drain_outcomes",
-            "Drain endpoint answers by outcome "
-            "(drained, deadline, unobservable, not_found, not_terminating, over_capacity).",
+            "Drain endpoint answers by outcome (drained, deadline, unobservable, pod_deleted, "
+            "not_found, not_terminating, api_unavailable, over_capacity, stopped).",
             ["outcome"],
             registry=r,
         )

@@ -1,0 +1,402 @@
+"""Drain benchmark: one real gunicorn instance (gunicorn.conf.py, default drain policy)
+holding 1,000 concurrent preStop drains while admission is under load.
+
+Everything is on loopback: the stand-in API server (1,000 terminating stunnerd pods), a
+fake stunnerd fleet in its own process (1,000 metrics endpoints, pod IPs 127.0.x.y on one
+port, each answering its ``stunner_allocations_active``), 1,000 kubelet-shaped HTTPS calls
+from an asyncio client, and hey posting the captured Pod CREATE review to /mutate at
+200 req/s over kept-alive connections. Figures (printed, and written to bench/out/):
+
+- admission p50/p99 at 200 req/s with no drains, then with 1,000 drains held (<= 1.5x);
+- resident memory of the gunicorn master and worker with 1,000 held (<= 300 MB);
+- release latency, from every pod's count going to 0 to its drain's answer (<= 1.5 s);
+- API requests during the drains by verb (reads must not grow with the drain count);
+- metrics reads per pod per poll interval (<= 1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import os
+import resource
+import ssl
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+
+from bench.common import OUT, REPO, gunicorn, hey, rss_mib, write_json
+from tests.fake_stunnerd import FakeStunnerdFleet
+from tests.standin_apiserver import StandinAPIServer, stunnerd_pod
+
+DRAINS = 1000
+ALLOCATIONS = 3
+NAMESPACE = "media"
+GRACE_SECONDS = 600  # the deadline stays far away: every drain ends by its count reaching 0
+POLL_SECONDS = 1.0  # the default drain.pollIntervalSeconds
+RATE = 200  # admission requests per second: 20 workers x 10/s
+LOAD_SECONDS = 15
+RAMP_SECONDS = 4.0  # kubelet calls arrive as pods are deleted, not in one instant
+POD_REVIEW = (
+    REPO
+    / "tests/fixtures/admission/apiserver-v1.36/stunner"
+    / "009-mutate-Pod-v1-CREATE-media-udp-gateway-8547c954bb-.json"
+)
+# What kubelet v1.36 sends (REFERENCE.md): a kept-alive HTTP/1.1 GET, no Connection: close.
+KUBELET_REQUEST = (
+    "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: kube-lifecycle/1.36\r\n"
+    "Accept: */*\r\nAccept-Encoding: gzip\r\n\r\n"
+)
+
+
+def pod_ip(i: int) -> str:
+    return f"127.0.{1 + i // 250}.{1 + i % 250}"
+
+
+# --------------------------------------------------------------------------- the fleet
+
+
+def _serve_fleet(conn, count: int) -> None:
+    """Child process: the fake stunnerd pods, answering commands from the parent."""
+    with FakeStunnerdFleet() as fleet:
+        first = fleet.add(pod_ip(0), 0, allocations=ALLOCATIONS)
+        targets = [first] + [
+            fleet.add(pod_ip(i), first.port, allocations=ALLOCATIONS) for i in range(1, count)
+        ]
+        conn.send(first.port)
+        while (command := conn.recv()) != "stop":
+            if command == "scrapes":
+                conn.send([list(t.scrapes) for t in targets])
+            elif command == "reset":
+                for target in targets:
+                    target.allocations = ALLOCATIONS
+                conn.send(None)
+            else:  # ("zero", seconds): every count to 0, one pod after the other, evenly
+                # over that many seconds (0: all at once); when each one did, on
+                # CLOCK_MONOTONIC, the same clock in every process.
+                step = command[1] / len(targets)
+                start, times = time.monotonic(), []
+                for i, target in enumerate(targets):
+                    if step:
+                        time.sleep(max(0.0, start + i * step - time.monotonic()))
+                    target.allocations = 0
+                    times.append(time.monotonic())
+                conn.send(times)
+
+
+# --------------------------------------------------------------------------- the drains
+
+
+class HeldDrains:
+    """DRAINS kubelet-shaped preStop calls, held open by one asyncio loop; records when
+    each answer arrived and what it said."""
+
+    def __init__(self, port: int, paths: list[str]) -> None:
+        self.port = port
+        self.paths = paths
+        self.answered: dict[str, tuple[float, int, dict]] = {}
+        self.errors: list[str] = []
+
+    async def run(self) -> None:
+        context = ssl.create_default_context()
+        context.check_hostname = False  # kubelet skips verification (InsecureSkipVerify)
+        context.verify_mode = ssl.CERT_NONE
+        calls = []
+        for i, path in enumerate(self.paths):
+            calls.append(asyncio.create_task(self._one(context, path)))
+            if i % 50 == 49:
+                await asyncio.sleep(RAMP_SECONDS * 50 / len(self.paths))
+        await asyncio.gather(*calls)
+
+    async def _one(self, context: ssl.SSLContext, path: str) -> None:
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.port, ssl=context)
+            request = KUBELET_REQUEST.format(path=path, host=f"127.0.0.1:{self.port}")
+            writer.write(request.encode())
+            await writer.drain()
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            body = await reader.readexactly(length)
+            done = time.monotonic()
+            writer.close()  # the client ends the kept-alive connection, as an idle Go one does
+            status = int(head.split()[1])
+            self.answered[path] = (done, status, json.loads(body))
+        except (
+            OSError,
+            ValueError,
+            IndexError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+        ) as err:
+            self.errors.append(f"{path}: {type(err).__name__}: {err}")
+
+
+def _hold_drains(conn) -> None:
+    """Child process: make the calls when told, send back what came of them."""
+    while (command := conn.recv()) != "stop":
+        drains = HeldDrains(*command)
+        asyncio.run(drains.run())
+        conn.send((drains.answered, drains.errors))
+
+
+@contextmanager
+def child(target, *args):
+    """A forked helper process with a command pipe. Forked before this process starts any
+    thread, and kept apart so that its work shares no GIL with the stand-in API."""
+    context = multiprocessing.get_context("fork")
+    parent, end = context.Pipe()
+    process = context.Process(target=target, args=(end, *args), daemon=True)
+    process.start()
+    try:
+        yield parent
+    finally:
+        process.join(10)
+        if process.is_alive():
+            process.kill()
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def per_interval(scrapes: list[float], interval: float) -> int:
+    """The most reads of one pod that fall inside any window of one poll interval."""
+    most = 0
+    for i, start in enumerate(scrapes):
+        most = max(most, sum(1 for t in scrapes[i:] if t < start + interval * 0.999))
+    return most
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def raise_fd_limit() -> None:
+    # 1,000 held TLS connections on each side plus 1,000 listening metrics sockets.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 16384
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
+
+
+def admission_load(url: str, body: Path):
+    return hey(f"{url}/mutate", body, LOAD_SECONDS, concurrency=20, rate_per_worker=RATE / 20)
+
+
+def wait_for(predicate, timeout: float, every: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(every)
+    return True
+
+
+def hold_all(server, drains, paths: list[str]) -> float:
+    """Make every drain call; seconds until the guard holds them all."""
+    started = time.monotonic()
+    drains.send((server.port, paths))
+
+    def held() -> bool:
+        status, body = server.request("GET", "/drains")
+        return status == 200 and len(json.loads(body)) == len(paths)
+
+    if not wait_for(held, timeout=60):
+        raise RuntimeError("not all drains were held")
+    return time.monotonic() - started
+
+
+def release_all(fleet, drains, paths: list[str], over_seconds: float) -> dict:
+    """Every count to 0 (spread over ``over_seconds``); how long each answer took."""
+    fleet.send(("zero", over_seconds))
+    zeroed = dict(zip(paths, fleet.recv(), strict=True))
+    if not drains.poll(over_seconds + 30):
+        raise RuntimeError("drains still held 30 s after every count went to 0")
+    answered, errors = drains.recv()
+    fleet.send("scrapes")
+    scrapes = dict(zip(paths, fleet.recv(), strict=True))
+    release = [done - zeroed[path] for path, (done, _, _) in answered.items()]
+    # Split each release: the wait for the pod's next read (up to one poll interval),
+    # then the answer once that read saw 0.
+    answering = [
+        done - min((t for t in scrapes[path] if t >= zeroed[path]), default=float("nan"))
+        for path, (done, _, _) in answered.items()
+    ]
+    return {
+        "over_seconds": over_seconds,
+        "answered": len(answered),
+        "outcomes": sorted({body["outcome"] for _, _, body in answered.values()}),
+        "errors": errors[:5],
+        "p50_s": percentile(release, 50),
+        "p99_s": percentile(release, 99),
+        "max_s": max(release),
+        "after_zero_read_p50_s": percentile(answering, 50),
+        "after_zero_read_p99_s": percentile(answering, 99),
+    }
+
+
+def run() -> dict:
+    raise_fd_limit()
+    with (
+        child(_serve_fleet, DRAINS) as fleet,
+        child(_hold_drains) as drains,
+        StandinAPIServer() as api,
+    ):
+        if not fleet.poll(60):
+            raise RuntimeError("the fake stunnerd fleet did not start")
+        metrics_port = fleet.recv()
+        paths = []
+        for i in range(DRAINS):
+            pod = stunnerd_pod(f"udp-gateway-{i:04d}", NAMESPACE, token=f"t{i:04d}", ip=pod_ip(i))
+            api.put(pod)
+            paths.append(f"/drain/{NAMESPACE}/t{i:04d}")
+        OUT.mkdir(parents=True, exist_ok=True)
+        policy = OUT / "drain-policy.yaml"
+        policy.write_text(yaml.safe_dump({"drain": {"metricsPort": metrics_port}}))
+        env = {
+            "STUNNER_GUARD_POLICY_FILE": str(policy),
+            "KUBECONFIG": str(api.write_kubeconfig(OUT / "drain-kubeconfig")),
+        }
+        try:
+            with gunicorn("drain", env=env) as server:
+                worker = server.worker_pids()[0]
+                cpu = cpu_seconds(worker)
+                idle = admission_load(server.url, POD_REVIEW)
+                idle_cpu = (cpu_seconds(worker) - cpu) / LOAD_SECONDS
+
+                for i in range(DRAINS):
+                    api.terminate(NAMESPACE, f"udp-gateway-{i:04d}", grace_seconds=GRACE_SECONDS)
+                before = api.requests()
+                held_after = hold_all(server, drains, paths)
+                # Steady state: every waiter past its first read, the burst of DrainStarted
+                # events (rate-limited like kubelet's) sent.
+                api.wait_until(lambda: api.count("create") >= DRAINS, timeout=60)
+                loaded_from, cpu = time.monotonic(), cpu_seconds(worker)
+                loaded = admission_load(server.url, POD_REVIEW)
+                loaded_to = time.monotonic()
+                loaded_cpu = (cpu_seconds(worker) - cpu) / LOAD_SECONDS
+                rss = rss_mib(server.process.pid) + sum(server.worker_rss_mib())
+                threads = len(list(Path(f"/proc/{worker}/task").iterdir()))
+                fleet.send("scrapes")
+                window = [[t for t in pod if loaded_from <= t <= loaded_to] for pod in fleet.recv()]
+                # Pods' last allocations end at different times: 100 pods a second.
+                staggered = release_all(fleet, drains, paths, over_seconds=10.0)
+                # Events go out from their own thread, rate-limited: let them finish.
+                api.wait_until(lambda: api.count("create") >= 2 * DRAINS, timeout=60)
+                after = api.requests()
+                # The worst case: the same thousand pods held again, all at 0 at once.
+                fleet.send("reset")
+                fleet.recv()
+                hold_all(server, drains, paths)
+                time.sleep(POLL_SECONDS)
+                at_once = release_all(fleet, drains, paths, over_seconds=0.0)
+        finally:
+            drains.send("stop")
+            fleet.send("stop")
+
+    requests = {
+        verb: sum(n - before.get(k, 0) for k, n in after.items() if k[0] == verb)
+        for verb in ("list", "watch", "get", "create")
+    }
+    return {
+        "drains": DRAINS,
+        "held_after_seconds": held_after,
+        "admission_idle": idle.figures() | {"ok": idle.ok},
+        "admission_loaded": loaded.figures() | {"ok": loaded.ok},
+        "p99_ratio": loaded.p99_ms / idle.p99_ms,
+        "worker_cpu_idle": idle_cpu,
+        "worker_cpu_loaded": loaded_cpu,
+        "rss_mib": rss,
+        "worker_threads": threads,
+        "release_staggered": staggered,
+        "release_at_once": at_once,
+        "api_requests_first_round": requests,
+        "reads_per_pod_per_interval_max": max(per_interval(pod, POLL_SECONDS) for pod in window),
+        "reads_per_pod_per_interval_mean": statistics.mean(
+            len(pod) / ((loaded_to - loaded_from) / POLL_SECONDS) for pod in window
+        ),
+    }
+
+
+def table(f: dict) -> str:
+    idle, loaded, api = f["admission_idle"], f["admission_loaded"], f["api_requests_first_round"]
+    spread, burst = f["release_staggered"], f["release_at_once"]
+
+    def release(r: dict) -> str:
+        return (
+            f"{r['p50_s']:.2f} / {r['p99_s']:.2f} / {r['max_s']:.2f} s "
+            f"({r['answered']} {'+'.join(r['outcomes'])})"
+        )
+
+    def after_read(r: dict) -> str:
+        return f"{r['after_zero_read_p50_s']:.2f} / {r['after_zero_read_p99_s']:.2f} s"
+
+    rows = [
+        (f"{f['drains']} drains held after", f"{f['held_after_seconds']:.1f} s", ""),
+        (
+            "admission p50 / p99, no drains",
+            f"{idle['p50_ms']:.1f} / {idle['p99_ms']:.1f} ms at {idle['rps']:.0f} req/s",
+            "",
+        ),
+        (
+            f"admission p50 / p99, {f['drains']} held",
+            f"{loaded['p50_ms']:.1f} / {loaded['p99_ms']:.1f} ms at {loaded['rps']:.0f} req/s",
+            "",
+        ),
+        ("admission p99 ratio", f"{f['p99_ratio']:.2f}x", "<= 1.5x"),
+        (
+            "worker CPU, no drains / held",
+            f"{f['worker_cpu_idle']:.0%} / {f['worker_cpu_loaded']:.0%} of a core",
+            "",
+        ),
+        (
+            "RSS, master + worker, held",
+            f"{f['rss_mib']:.0f} MiB ({f['worker_threads']} worker threads)",
+            "<= 300 MB",
+        ),
+        ("release, 0s over 10 s: p50 / p99 / max", release(spread), "<= 1.5 s"),
+        ("  after the read that saw 0, p50 / p99", after_read(spread), ""),
+        ("release, all 0 at once: p50 / p99 / max", release(burst), "worst case"),
+        ("  after the read that saw 0, p50 / p99", after_read(burst), ""),
+        (
+            "API reads in round 1 (list/watch/get)",
+            f"{api['list']} / {api['watch']} / {api['get']}",
+            "not per drain",
+        ),
+        ("API event creates in round 1", f"{api['create']} (DrainStarted + Drained each)", ""),
+        (
+            "metrics reads per pod per interval, max / mean",
+            f"{f['reads_per_pod_per_interval_max']} / {f['reads_per_pod_per_interval_mean']:.2f}",
+            "<= 1",
+        ),
+    ]
+    width = max(len(r[0]) for r in rows)
+    value_width = max(len(r[1]) for r in rows)
+    lines = [f"{'drain benchmark':<{width}}  {'measured':<{value_width}}  target"]
+    lines += [f"{a:<{width}}  {b:<{value_width}}  {c}" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    figures = run()
+    print(table(figures))
+    for errors in (figures["release_staggered"]["errors"], figures["release_at_once"]["errors"]):
+        if errors:
+            print("errors:", *errors, sep="\n  ")
+    print(f"figures: {write_json('drain', figures)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
