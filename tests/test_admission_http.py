@@ -175,23 +175,24 @@ def test_stunner_manifests_as_create_requests_are_admitted_after_mutation(client
     assert verdict["response"]["allowed"], verdict["response"].get("status")
 
 
-def test_a_denial_is_http_200_with_status_403(client):
-    body = create_review(
+def stunnerd_pod_review(cpu_limit: str, namespace: str = "media") -> dict:
+    pod = {
+        "name": "stunnerd",
+        "image": "l7mp/stunnerd",
+        "resources": {"limits": {"cpu": cpu_limit}},
+    }
+    return create_review(
         {
             "apiVersion": "v1",
             "kind": "Pod",
-            "metadata": {"name": "p", "namespace": "media"},
-            "spec": {
-                "containers": [
-                    {
-                        "name": "stunnerd",
-                        "image": "l7mp/stunnerd",
-                        "resources": {"limits": {"cpu": "two"}},
-                    }
-                ]
-            },
+            "metadata": {"name": "p", "namespace": namespace},
+            "spec": {"containers": [pod]},
         }
     )
+
+
+def test_a_denial_is_http_200_with_status_403(client):
+    body = stunnerd_pod_review("two")
     status, answer = post(client, "mutate", body)
     assert status == 200
     assert answer["response"]["allowed"] is False
@@ -260,22 +261,7 @@ def test_nan_and_infinity_are_not_json(client, pod_review):
 
 
 def test_a_huge_hostile_value_does_not_make_a_huge_denial(client):
-    body = create_review(
-        {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": "p", "namespace": "m"},
-            "spec": {
-                "containers": [
-                    {
-                        "name": "stunnerd",
-                        "image": "l7mp/stunnerd",
-                        "resources": {"limits": {"cpu": "x" * 100_000}},
-                    }
-                ]
-            },
-        }
-    )
+    body = stunnerd_pod_review("x" * 100_000)
     _, answer = post(client, "mutate", body)
     assert answer["response"]["allowed"] is False
     assert len(answer["response"]["status"]["message"]) < 400
