@@ -21,6 +21,7 @@ Independently of every mode, the guard never emits a request above its limit.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -49,6 +50,12 @@ def quantity(value: Any) -> Decimal | None:
     except (ValueError, TypeError, ArithmeticError):
         return None
     return parsed if parsed.is_finite() and 0 <= parsed <= MAX_QUANTITY else None
+
+
+@functools.lru_cache(maxsize=64)
+def policy_quantity(text: str) -> Decimal:
+    """A quantity from the policy (validated at startup): parsed once, not per request."""
+    return parse_quantity(text)
 
 
 def format_cores(cores: Decimal) -> str:
@@ -152,7 +159,7 @@ class Shaper:
                 "limitsPresent", p.limitsPresent, lim_at, None, default, "missing limit"
             ):
                 lim_raw, lim = default, put("limits", default)
-        if lim is not None and lim > quantity(limit_max):
+        if lim is not None and lim > policy_quantity(limit_max):
             if self.propose(
                 "limitsSane",
                 p.limitsSane,
@@ -165,12 +172,12 @@ class Shaper:
         if req is None:
             default = getattr(p.requestsPresent, r)
             # A filled-in request never exceeds the limit the container has.
-            if lim is not None and quantity(default) > lim:
+            if lim is not None and policy_quantity(default) > lim:
                 default = lim_raw
             why = "HPA needs a CPU request" if r == "cpu" else "missing request"
             if self.propose("requestsPresent", p.requestsPresent, req_at, None, default, why):
                 req_raw, req = default, put("requests", default)
-        if req is not None and req > quantity(request_max):
+        if req is not None and req > policy_quantity(request_max):
             if self.propose(
                 "requestsMinimal",
                 p.requestsMinimal,
@@ -184,7 +191,7 @@ class Shaper:
             # limit >= request always: raise the limit to the request when the maximum
             # allows it (the request is what the scheduler and the HPA use), else bring the
             # request down to the capped limit.
-            ceiling = quantity(limit_max) if p.limitsSane.on else req
+            ceiling = policy_quantity(limit_max) if p.limitsSane.on else req
             if req <= ceiling:
                 if self.propose(
                     "limitsSane", p.limitsSane, lim_at, lim_raw, req_raw, "limit below request"
