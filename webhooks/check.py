@@ -88,13 +88,6 @@ def check_object(obj: dict, service: Service) -> tuple[review.Verdict, dict, lis
     return final, mutated, list(mutation.warnings) + list(validation.warnings)
 
 
-def _describe(obj: dict) -> str:
-    meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
-    name = meta.get("name") or meta.get("generateName") or "<unnamed>"
-    ns = meta.get("namespace")
-    return f"{obj.get('kind', '<no kind>')} {ns + '/' if ns else ''}{name}"
-
-
 def _dump(obj: dict) -> str:
     return yaml.safe_dump(obj, sort_keys=False, default_flow_style=False)
 
@@ -141,10 +134,11 @@ def main(
     service = Service(settings, ManifestLookup([obj for _, obj in docs]))
     denied = 0
     for path, obj in docs:
+        subject = _request(obj, obj).describe()
         verdict, mutated, warnings = check_object(obj, service)
         changed = mutated != obj
         state = "DENIED" if not verdict.allowed else "allowed, mutated" if changed else "allowed"
-        print(f"# {_describe(obj)} ({path}): {state}", file=stdout)
+        print(f"# {subject} ({path}): {state}", file=stdout)
         for warning in dict.fromkeys(warnings):
             print(f"#   warning: {warning}", file=stdout)
         if not verdict.allowed:
@@ -157,8 +151,8 @@ def main(
                     difflib.unified_diff(
                         _dump(obj).splitlines(keepends=True),
                         _dump(mutated).splitlines(keepends=True),
-                        fromfile=f"{_describe(obj)} (input)",
-                        tofile=f"{_describe(obj)} (admitted)",
+                        fromfile=f"{subject} (input)",
+                        tofile=f"{subject} (admitted)",
                     )
                 )
         else:
