@@ -11,7 +11,7 @@ from webhooks import admission, review
 from webhooks.service import Service
 
 blueprint = Blueprint("stunner_guard", __name__)
-DRAIN_OVERSIZED_FACTOR = 4
+DISCARD_OVERSIZED_FACTOR = 4
 
 
 def _service() -> Service:
@@ -31,7 +31,7 @@ def _admit(webhook: str) -> Response:
     # limit is read and dropped first; anything larger is cut off.
     if request.content_length is not None and request.content_length > limit:
         service.metrics.bad_requests.labels(webhook, "413").inc()
-        if request.content_length <= DRAIN_OVERSIZED_FACTOR * limit:
+        if request.content_length <= DISCARD_OVERSIZED_FACTOR * limit:
             while request.stream.read(1 << 16):
                 pass
         return _plain(413, f"body of {request.content_length} bytes exceeds the {limit}-byte limit")
