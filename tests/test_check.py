@@ -106,3 +106,20 @@ def test_runs_as_a_module_from_the_command_line():
         [sys.executable, "-m", "webhooks"], capture_output=True, text=True, timeout=60
     )
     assert usage.returncode == 2 and "usage" in usage.stderr
+
+
+def test_a_reader_that_stops_early_gets_no_traceback():
+    many = "\n---\n".join([OPERATOR_DATAPLANE.read_text()] * 200)
+    with subprocess.Popen(
+        [sys.executable, "-m", "webhooks", "check", "-"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as proc:
+        proc.stdin.write(many.encode())
+        proc.stdin.close()
+        proc.stdout.readline()
+        proc.stdout.close()  # like `| head -1`
+        stderr = proc.stderr.read().decode()
+        proc.wait(timeout=60)
+    assert "Traceback" not in stderr
