@@ -4,6 +4,7 @@ the desired object, whatever the trees look like."""
 from __future__ import annotations
 
 import copy
+import json
 
 import jsonpatch
 from hypothesis import given, settings
@@ -56,10 +57,33 @@ def edited(draw, tree):
 @given(st.data(), st.dictionaries(keys, trees, max_size=5))
 def test_the_patch_turns_the_original_into_the_desired_object(data, original):
     desired = data.draw(edited(original))
+    before = as_json(original)
     verdict = review.patched(original, desired)
-    assert jsonpatch.apply_patch(original, verdict.patch) == desired
-    if original == desired:
+    # Compared as JSON text: in Python True == 1, so == alone would miss a lost change.
+    assert as_json(jsonpatch.apply_patch(original, verdict.patch)) == as_json(desired)
+    assert as_json(original) == before
+    if as_json(original) == as_json(desired):
         assert verdict.patch == []
+
+
+def test_a_patch_only_touches_what_changed_and_escapes_pointers():
+    shared = {"managedFields": [{"manager": "kubectl"}]}
+    original = {"metadata": shared, "spec": {"a/b": 1, "c~d": [1, 2], "gone": True, "x": 1}}
+    desired = {
+        "metadata": shared,
+        "spec": {"a/b": 2, "c~d": [1, 2, 3], "x": True, "new": {"k": "v"}},
+    }
+    assert sorted(review.patched(original, desired).patch, key=lambda op: op["path"]) == [
+        {"op": "replace", "path": "/spec/a~1b", "value": 2},
+        {"op": "replace", "path": "/spec/c~0d", "value": [1, 2, 3]},
+        {"op": "remove", "path": "/spec/gone"},
+        {"op": "add", "path": "/spec/new", "value": {"k": "v"}},
+        {"op": "replace", "path": "/spec/x", "value": True},
+    ]
+
+
+def as_json(value) -> str:
+    return json.dumps(value, sort_keys=True)
 
 
 @given(trees)

@@ -24,8 +24,6 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-import jsonpatch
-
 API_VERSION = "admission.k8s.io/v1"
 KIND = "AdmissionReview"
 # Kubernetes truncates nothing, but kubectl shows warnings one per line; the API
@@ -101,35 +99,49 @@ def denied(message: str, warnings: list[str] | tuple[str, ...] = ()) -> Verdict:
 
 def patched(original: Any, desired: Any, warnings: list[str] | tuple[str, ...] = ()) -> Verdict:
     """Allowed, with the JSONPatch that turns ``original`` (the dict that came in the
-    request) into ``desired``; jsonpatch writes the pointers and escaping."""
-    before, after = _without_equal_members(original, desired)
-    ops = jsonpatch.make_patch(before, after).patch
+    request) into ``desired``."""
+    ops: list[dict] = []
+    _diff(original, desired, "", ops)
     return Verdict(True, tuple(warnings), patch=ops)
 
 
-def _without_equal_members(a: Any, b: Any) -> tuple[Any, Any]:
-    """Both trees minus the map members that are equal on both sides, recursively.
+def _diff(a: Any, b: Any, pointer: str, ops: list[dict]) -> None:
+    """Append to ``ops`` the JSONPatch (RFC 6902) operations that turn ``a`` into ``b``.
 
-    jsonpatch's diff walks and serializes every member; most of an object (managedFields,
-    volumes, probes, env) is never touched by a mutation, and ``==`` on it runs in C.
-    Only map members are dropped, never list items, so every JSON pointer in the diff of
-    the pruned trees is the same as in the diff of the whole ones."""
+    Rules edit a copy that shares every untouched member with the request's object
+    (rules/common.py copy_for_edit), so ``is`` skips managedFields, volumes, env and probes
+    without looking inside; only the copied paths are walked. Maps are diffed member by
+    member, lists of equal length item by item (what an edit in place looks like), and a
+    list whose length changed is replaced whole: no insert or move pointers to get wrong.
+    Leaves compare by type too: ``True == 1`` in Python, not in JSON.
+
+    jsonpatch.make_patch gave the same patches at several times the cost (it serializes
+    members to compare them); the tests apply every patch with jsonpatch."""
+    if a is b:
+        return
     if isinstance(a, dict) and isinstance(b, dict):
-        pruned_a, pruned_b = {}, {}
-        for key in a.keys() | b.keys():
-            if key in a and key in b:
-                if a[key] is b[key] or a[key] == b[key]:
-                    continue
-                pruned_a[key], pruned_b[key] = _without_equal_members(a[key], b[key])
-            elif key in a:
-                pruned_a[key] = a[key]
+        for key in a.keys() - b.keys():
+            ops.append({"op": "remove", "path": f"{pointer}/{_escape(key)}"})
+        for key, value in b.items():
+            if key in a:
+                if a[key] is not value:
+                    _diff(a[key], value, f"{pointer}/{_escape(key)}", ops)
             else:
-                pruned_b[key] = b[key]
-        return pruned_a, pruned_b
+                ops.append({"op": "add", "path": f"{pointer}/{_escape(key)}", "value": value})
+        return
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        pairs = [_without_equal_members(x, y) for x, y in zip(a, b, strict=True)]
-        return [x for x, _ in pairs], [y for _, y in pairs]
-    return a, b
+        for index, (x, y) in enumerate(zip(a, b, strict=True)):
+            if x is not y:
+                _diff(x, y, f"{pointer}/{index}", ops)
+        return
+    if type(a) is type(b) and not isinstance(a, dict | list) and a == b:
+        return
+    ops.append({"op": "replace", "path": pointer, "value": b})
+
+
+def _escape(key: str) -> str:
+    """A map key as a JSON Pointer reference token (RFC 6901: ``~`` first, then ``/``)."""
+    return key.replace("~", "~0").replace("/", "~1") if "~" in key or "/" in key else key
 
 
 def _require(mapping: dict, key: str, kind: type, where: str) -> Any:
