@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from tests.conftest import DRAIN_HOST, STUNNER, context, load_yaml_docs, stunnerd_pod, with_rules
 from webhooks import admission
 from webhooks.names import CHANGES_ANNOTATION, DRAIN_ANNOTATION, DRAIN_TOKEN_LABEL
-from webhooks.policy import quantity
+from webhooks.quantities import quantity
 from webhooks.settings import (
     GracePeriod,
     LimitsPresent,

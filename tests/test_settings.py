@@ -62,8 +62,13 @@ def test_a_policy_document_overlays_the_defaults():
         ),
         pytest.param(
             {"rules": {"limitsSane": {"maxCpu": "two"}}},
-            "rules.limitsSane.maxCpu: 'two' is not a Kubernetes quantity",
+            "rules.limitsSane.maxCpu: 'two' is not a non-negative Kubernetes quantity",
             id="bad-quantity",
+        ),
+        pytest.param(
+            {"rules": {"requestsPresent": {"memory": "-64Mi"}}},
+            "rules.requestsPresent.memory: '-64Mi' is not a non-negative Kubernetes quantity",
+            id="negative-quantity",
         ),
         pytest.param(
             {"rules": {"listenerThreads": {"max": "16"}}},

@@ -21,41 +21,16 @@ Independently of every mode, the guard never emits a request above its limit.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from kubernetes.utils import parse_quantity
-
 from webhooks import stunnerd
+from webhooks.quantities import quantity
 from webhooks.settings import Policy, Rule
 
 MUTATE, STRICT, ADVISE = "mutate", "strict", "advise"
 RESOURCES = ("cpu", "memory")
-
-
-# The CRD's quantity pattern admits "1e999999999"; nothing real is above 2^63 (the
-# apiserver's own int64 bound), and bounding it keeps arithmetic on it cheap.
-MAX_QUANTITY = Decimal(2**63 - 1)
-
-
-def quantity(value: Any) -> Decimal | None:
-    """A Kubernetes quantity (``500m``, ``0.5``, ``1Gi``, ``2``, ``1e3``) as a Decimal;
-    None when it does not parse, is negative, or is absurdly large."""
-    if isinstance(value, bool):
-        return None
-    try:
-        parsed = parse_quantity(value)
-    except (ValueError, TypeError, ArithmeticError):
-        return None
-    return parsed if parsed.is_finite() and 0 <= parsed <= MAX_QUANTITY else None
-
-
-@functools.lru_cache(maxsize=64)
-def policy_quantity(text: str) -> Decimal:
-    """A quantity from the policy (validated at startup): parsed once, not per request."""
-    return parse_quantity(text)
 
 
 def format_cores(cores: Decimal) -> str:
@@ -159,7 +134,7 @@ class Shaper:
                 "limitsPresent", p.limitsPresent, lim_at, None, default, "missing limit"
             ):
                 lim_raw, lim = default, put("limits", default)
-        if lim is not None and lim > policy_quantity(limit_max):
+        if lim is not None and lim > quantity(limit_max):
             if self.propose(
                 "limitsSane",
                 p.limitsSane,
@@ -172,12 +147,12 @@ class Shaper:
         if req is None:
             default = getattr(p.requestsPresent, r)
             # A filled-in request never exceeds the limit the container has.
-            if lim is not None and policy_quantity(default) > lim:
+            if lim is not None and quantity(default) > lim:
                 default = lim_raw
             why = "HPA needs a CPU request" if r == "cpu" else "missing request"
             if self.propose("requestsPresent", p.requestsPresent, req_at, None, default, why):
                 req_raw, req = default, put("requests", default)
-        if req is not None and req > policy_quantity(request_max):
+        if req is not None and req > quantity(request_max):
             if self.propose(
                 "requestsMinimal",
                 p.requestsMinimal,
@@ -191,7 +166,7 @@ class Shaper:
             # limit >= request always: raise the limit to the request when the maximum
             # allows it (the request is what the scheduler and the HPA use), else bring the
             # request down to the capped limit.
-            ceiling = policy_quantity(limit_max) if p.limitsSane.on else req
+            ceiling = quantity(limit_max) if p.limitsSane.on else req
             if req <= ceiling:
                 if self.propose(
                     "limitsSane", p.limitsSane, lim_at, lim_raw, req_raw, "limit below request"

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from kubernetes.utils import parse_quantity
+
+from webhooks.quantities import quantity
 
 MODES = ("enforce", "warn", "off")
 ENFORCE, WARN, OFF = MODES
@@ -188,10 +189,10 @@ class Settings:
 
 
 def _quantity(value: Any, where: str) -> Decimal:
-    try:
-        return parse_quantity(value)
-    except (ValueError, TypeError) as err:
-        raise PolicyError(f"{where}: {value!r} is not a Kubernetes quantity") from err
+    parsed = quantity(value)
+    if parsed is None:
+        raise PolicyError(f"{where}: {value!r} is not a non-negative Kubernetes quantity")
+    return parsed
 
 
 def _build(cls: type, raw: Any, where: str, base: Any) -> Any:
