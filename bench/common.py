@@ -7,6 +7,7 @@ a scratch HOME, no in-cluster service variables) and the environment a scenario 
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -105,6 +106,15 @@ class Server:
             return response.status, response.read()
         finally:
             conn.close()
+
+
+def children(pid: int) -> list[int]:
+    """The process's child processes (the drainer's metrics reader, for a worker)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            found += [int(c) for c in (task / "children").read_text().split()]
+    return found
 
 
 def proc_status(pid: int, key: str) -> str:

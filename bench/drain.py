@@ -8,7 +8,7 @@ from an asyncio client, and hey posting the captured Pod CREATE review to /mutat
 200 req/s over kept-alive connections. Figures (printed, and written to bench/out/):
 
 - admission p50/p99 at 200 req/s with no drains, then with 1,000 drains held (<= 1.5x);
-- resident memory of the gunicorn master and worker with 1,000 held (<= 300 MB);
+- resident memory of the gunicorn master, worker and metrics reader with 1,000 held (<= 300 MB);
 - release latency, from every pod's count going to 0 to its drain's answer (<= 1.5 s);
 - API requests during the drains by verb (reads must not grow with the drain count);
 - metrics reads per pod per poll interval (<= 1).
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.common import OUT, REPO, gunicorn, hey, rss_mib, write_json
+from bench.common import OUT, REPO, children, gunicorn, hey, rss_mib, write_json
 from tests.fake_stunnerd import FakeStunnerdFleet
 from tests.standin_apiserver import StandinAPIServer, stunnerd_pod
 
@@ -282,11 +282,15 @@ def run() -> dict:
                 # Steady state: every waiter past its first read, the burst of DrainStarted
                 # events (rate-limited like kubelet's) sent.
                 api.wait_until(lambda: api.count("create") >= DRAINS, timeout=60)
+                reader = children(worker)  # the drainer's metrics reader process
                 loaded_from, cpu = time.monotonic(), cpu_seconds(worker)
+                reader_cpu = sum(cpu_seconds(pid) for pid in reader)
                 loaded = admission_load(server.url, POD_REVIEW)
                 loaded_to = time.monotonic()
                 loaded_cpu = (cpu_seconds(worker) - cpu) / LOAD_SECONDS
+                reader_cpu = (sum(cpu_seconds(pid) for pid in reader) - reader_cpu) / LOAD_SECONDS
                 rss = rss_mib(server.process.pid) + sum(server.worker_rss_mib())
+                rss += sum(rss_mib(pid) for pid in reader)
                 threads = len(list(Path(f"/proc/{worker}/task").iterdir()))
                 fleet.send("scrapes")
                 window = [[t for t in pod if loaded_from <= t <= loaded_to] for pod in fleet.recv()]
@@ -317,6 +321,8 @@ def run() -> dict:
         "p99_ratio": loaded.p99_ms / idle.p99_ms,
         "worker_cpu_idle": idle_cpu,
         "worker_cpu_loaded": loaded_cpu,
+        "reader_processes": len(reader),
+        "reader_cpu_loaded": reader_cpu,
         "rss_mib": rss,
         "worker_threads": threads,
         "release_staggered": staggered,
@@ -360,8 +366,9 @@ def table(f: dict) -> str:
             f"{f['worker_cpu_idle']:.0%} / {f['worker_cpu_loaded']:.0%} of a core",
             "",
         ),
+        ("metrics reader process CPU, held", f"{f['reader_cpu_loaded']:.0%} of a core", ""),
         (
-            "RSS, master + worker, held",
+            "RSS, master + worker + reader, held",
             f"{f['rss_mib']:.0f} MiB ({f['worker_threads']} worker threads)",
             "<= 300 MB",
         ),

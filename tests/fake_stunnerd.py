@@ -197,6 +197,17 @@ class FakeStunnerdFleet:
 
         self._call(close_all)
 
+    def open_connections(self, target: Target) -> int:
+        """How many connections to the target are open on the fleet's side."""
+        counted: list[int] = []
+
+        def count() -> None:
+            keys = self._selector.get_map().values()
+            counted.append(sum(k.data[0] == "conn" and k.data[1].target is target for k in keys))
+
+        self._call(count)
+        return counted[0]
+
     def accept(self, target: Target) -> None:
         """Listen again after ``refuse()``."""
         if target not in self._listeners:

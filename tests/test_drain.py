@@ -5,6 +5,8 @@ Small poll intervals and margins keep each case well under two seconds."""
 from __future__ import annotations
 
 import datetime
+import selectors
+import signal
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,16 +19,16 @@ from app import create_app
 from tests.conftest import FIXTURES
 from tests.fake_stunnerd import OTEL_LABELS, FakeStunnerdFleet, Target
 from tests.standin_apiserver import StandinAPIServer, stunnerd_pod
-from webhooks.drain import (
-    DRAINED,
-    Drainer,
-    DrainPod,
+from webhooks.drain import DRAINED, Drainer, DrainPod
+from webhooks.kube import Kube
+from webhooks.metrics import Metrics
+from webhooks.scrape import (
     MetricAbsent,
+    Reader,
+    ReadSpec,
     allocations_from_text,
     read_allocations,
 )
-from webhooks.kube import Kube
-from webhooks.metrics import Metrics
 from webhooks.settings import DrainSettings, PolicyError, Settings, load_policy_document
 
 NS = "media"
@@ -426,9 +428,56 @@ def test_a_kept_connection_the_pod_closed_is_replaced_without_a_failed_read(clus
     pod.target.allocations = 0
     assert call.result(timeout=5).outcome == DRAINED
     registry = drainer.metrics.registry
-    assert (
-        registry.get_sample_value("stunner_guard_drain_scrapes_total", {"result": "failed"}) is None
+    assert registry.get_sample_value("stunner_guard_drain_scrapes_total", {"result": "failed"}) == 0
+    assert registry.get_sample_value("stunner_guard_drain_scrapes_total", {"result": "ok"}) >= 4
+
+
+def test_the_reader_process_reads_keeps_and_forgets_connections(cluster):
+    """The drainer's reads run in ``python -m webhooks.scrape``: its protocol, end to end."""
+    first = cluster.pod("udp-gateway-a", allocations=4)
+    second = cluster.pod("udp-gateway-b")
+    cluster.fleet.refuse(second.target)
+    reader = Reader(ReadSpec.of(replace(FAST, metricsPort=cluster.port)))
+    results = reader.start()
+    try:
+
+        def answers(count: int) -> list[list]:
+            got: list[list] = []
+            with selectors.DefaultSelector() as selector:
+                selector.register(results, selectors.EVENT_READ)
+                while len(got) < count and selector.select(5):
+                    got += reader.receive() or []
+            return sorted(got)
+
+        assert reader.send([[1, first.target.ip], [2, second.target.ip]])
+        (one, two) = answers(2)
+        assert one == [1, 4, "", False]
+        assert two[0] == 2 and two[1] is None and two[3] is True
+        assert "connection refused" in two[2]
+        first.target.allocations = 0
+        assert reader.send([[1, first.target.ip]])
+        assert answers(1) == [[1, 0, "", False]]
+        assert first.target.connections == 1  # the second read reused the connection
+        assert reader.send([[1, None]])  # forget: the reader closes it
+        assert cluster.api.wait_until(lambda: cluster.fleet.open_connections(first.target) == 0)
+    finally:
+        assert reader.stop() == 0  # closing its stdin ends it cleanly
+
+
+def test_a_reader_that_dies_is_replaced_and_the_drain_goes_on(cluster, calls):
+    pod = cluster.pod("udp-gateway-abc", allocations=3)
+    drainer = cluster.drainer(pollIntervalSeconds=0.1)
+    call = calls.submit(drainer.drain, NS, pod.token)
+    assert cluster.held(drainer, pod, 3)
+    first = drainer._reader.process  # the running reader (private: no API exposes it)
+    first.kill()
+    assert cluster.api.wait_until(
+        lambda: drainer._reader.process not in (None, first) and len(pod.target.scrapes) > 3
     )
+    pod.target.allocations = 0
+    answer = call.result(timeout=5)
+    assert answer.outcome == DRAINED
+    assert first.wait(timeout=5) == -signal.SIGKILL
 
 
 def test_a_pod_deleted_mid_drain_is_answered_at_once(cluster, calls):

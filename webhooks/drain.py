@@ -24,21 +24,20 @@ Only a real, observable termination blocks (drained, deadline, pod_deleted, stop
 unobservable after failed reads); everything else answers at once. Per process: one pod
 watch (label selector on the drain token label) instead of API calls per request, one
 waiter per pod however many duplicate calls arrive, at most one metrics read per pod per
-poll interval, and one drain loop thread that schedules and performs every read with
-non-blocking sockets: a thousand held drains cost a thousand idle request threads, one
-kept-alive connection per pod, and about a fifth of a core for their reads.
+poll interval, and one drain loop thread that schedules every read. The reads themselves
+run in a child process (webhooks/scrape.py), off the GIL that admission needs: a thousand
+held drains cost a thousand idle request threads, a tenth of a core in this process and
+about a sixth in the reader's, one kept-alive connection per pod (``make bench``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import errno
 import heapq
 import itertools
 import logging
 import math
-import os
 import queue
 import random
 import re
@@ -50,12 +49,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from webhooks import names
 from webhooks.kube import Kube, KubeUnavailable, PodWatch, WatchExpired
 from webhooks.metrics import Metrics
-from webhooks.settings import DrainSettings, Settings
+from webhooks.scrape import Reader, Reading, ReadSpec
+from webhooks.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +79,6 @@ STATUS = {
     STOPPED: 503,
 }
 
-ALLOCATIONS_METRIC = "stunner_allocations_active"
-
 # What the path may carry: a namespace is a DNS-1123 label, the token a label value.
 _NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
@@ -99,6 +95,9 @@ HEALTHY_WATCH_SECONDS = 10.0
 # one select() collects) many pods' reads instead of one: a thousand pods cost fewer loop
 # passes. It delays a read by this much at most.
 READ_SLOT_SECONDS = 0.02
+# The reader ends a read at drain.scrapeTimeoutSeconds; one that has not answered this much
+# later is stuck (or still starting), and the read counts as failed.
+READER_SLACK_SECONDS = 2.0
 
 # Events are best-effort and sent from their own thread, at most EVENTS_PER_SECOND after a
 # burst of EVENT_BURST (kubelet's own --event-qps/--event-burst defaults), so that a
@@ -195,304 +194,6 @@ class DrainPod:
     @property
     def terminating(self) -> bool:
         return self.deletion is not None
-
-
-# --------------------------------------------------------------------------- metrics reads
-
-
-@dataclass(frozen=True)
-class Reading:
-    """One read of a pod's metrics: a count, or a problem. A ``fatal`` problem means the
-    allocations cannot be observed at all (answer at once); any other is a failed read."""
-
-    allocations: int | None = None
-    problem: str = ""
-    fatal: bool = False
-
-    @property
-    def result(self) -> str:
-        """Label for the scrape counter."""
-        if self.allocations is not None:
-            return "ok"
-        return "unobservable" if self.fatal else "failed"
-
-
-class MetricAbsent(Exception):
-    """The page is Prometheus text but has no stunner_allocations_active sample."""
-
-
-# Only the lines of the one family go through the parser: stunnerd's page also carries the
-# go_*/process_*/target_info families, and parsing all of them for a thousand pods every
-# second would cost more CPU than serving admission.
-_ALLOCATION_LINES = (
-    f"{ALLOCATIONS_METRIC} ",
-    f"{ALLOCATIONS_METRIC}{{",
-    f"# TYPE {ALLOCATIONS_METRIC} ",
-)
-
-
-def _allocation_lines(text: str) -> list[str]:
-    """The page's lines of the gauge, found by searching for its name (faster than
-    splitting a page of a few hundred lines)."""
-    lines = []
-    at = text.find(ALLOCATIONS_METRIC)
-    while at >= 0:
-        start = text.rfind("\n", 0, at) + 1
-        end = text.find("\n", at)
-        end = len(text) if end < 0 else end
-        if text.startswith(_ALLOCATION_LINES, start, end):
-            lines.append(text[start:end])
-        at = text.find(ALLOCATIONS_METRIC, end)
-    return lines
-
-
-def _family_sum(text: str) -> float | None:
-    # Without a TYPE line the parser yields each untyped sample as a family of its own.
-    samples = [
-        sample.value
-        for family in text_string_to_metric_families(text)
-        if family.name == ALLOCATIONS_METRIC
-        for sample in family.samples
-    ]
-    return sum(samples) if samples else None
-
-
-def allocations_from_text(text: str) -> int:
-    """Sum of the ``stunner_allocations_active`` samples (the OpenTelemetry exporter may
-    split or label them, e.g. ``otel_scope_name``). ValueError when the page is not
-    Prometheus text or the value is not a count; MetricAbsent when the gauge is missing
-    (metrics of a stunnerd without allocation telemetry, or another server)."""
-    lines = _allocation_lines(text)
-    total = _family_sum("\n".join(lines) + "\n") if lines else None
-    if total is None:
-        # Tell "valid page without the gauge" from "not Prometheus text at all".
-        for _ in text_string_to_metric_families(text):
-            pass
-        raise MetricAbsent(f"{ALLOCATIONS_METRIC} is not on the page")
-    if not math.isfinite(total) or total < 0:
-        raise ValueError(f"{ALLOCATIONS_METRIC} is {total}")
-    return round(total)
-
-
-def _dechunk(body: bytes) -> bytes:
-    """A ``Transfer-Encoding: chunked`` body (Go's net/http chunks pages it does not
-    know the length of). ValueError when the chunks do not add up."""
-    out, at = bytearray(), 0
-    while True:
-        line_end = body.index(b"\r\n", at)
-        size = int(body[at:line_end].split(b";", 1)[0], 16)
-        if size == 0:
-            return bytes(out)
-        start = line_end + 2
-        if len(body) < start + size:
-            raise ValueError("chunked body cut off")
-        out += body[start : start + size]
-        at = start + size + 2
-
-
-@dataclass(frozen=True)
-class _Head:
-    """Status line and headers of an HTTP answer."""
-
-    status: bytes
-    headers: dict[bytes, bytes]
-    body_start: int
-
-    @classmethod
-    def parse(cls, raw: bytes | bytearray) -> _Head | None:
-        """None until the head is complete; ValueError when it is not HTTP."""
-        end = raw.find(b"\r\n\r\n")
-        if end < 0:
-            return None
-        status_line, *lines = bytes(raw[:end]).split(b"\r\n")
-        parts = status_line.split(b" ", 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/"):
-            raise ValueError("not an HTTP answer")
-        headers = {}
-        for line in lines:
-            name, _, value = line.partition(b":")
-            headers[name.strip().lower()] = value.strip().lower()
-        return cls(parts[1], headers, end + 4)
-
-    @property
-    def chunked(self) -> bool:
-        return self.headers.get(b"transfer-encoding") == b"chunked"
-
-    @property
-    def length(self) -> int | None:
-        value = self.headers.get(b"content-length")
-        return int(value) if value and value.isdigit() else None
-
-    def complete(self, raw: bytes | bytearray) -> bool:
-        """Whether the whole answer is in ``raw`` without waiting for the connection to
-        close (Content-Length, or the last chunk of a chunked body)."""
-        if self.chunked:
-            return raw.endswith(b"0\r\n\r\n")
-        return self.length is not None and len(raw) - self.body_start >= self.length
-
-
-def reading_from_answer(raw: bytes, where: str, head: _Head | None = None) -> Reading:
-    """The Reading a whole HTTP answer amounts to (``head``: already parsed)."""
-    try:
-        head = head or _Head.parse(raw)
-    except ValueError:
-        head = None
-    if head is None:
-        return Reading(problem=f"{where} did not send an HTTP answer")
-    if head.status != b"200":
-        return Reading(problem=f"{where} answered HTTP {head.status.decode(errors='replace')}")
-    body = raw[head.body_start :]
-    try:
-        if head.chunked:
-            body = _dechunk(body)
-        elif (head.length or 0) > len(body):
-            return Reading(problem=f"{where} closed the connection mid-answer")
-        return Reading(allocations=allocations_from_text(body.decode("utf-8")))
-    except MetricAbsent as err:
-        return Reading(problem=f"{where}: {err} (metrics endpoint off?)", fatal=True)
-    except ValueError as err:  # UnicodeDecodeError included
-        return Reading(problem=f"{where} is not Prometheus text: {str(err)[:120]}")
-
-
-class MetricsRead:
-    """One non-blocking ``GET <metricsPath>`` of a pod's stunnerd metrics, driven by a
-    selector: a thousand held drains are a thousand of these a second in one thread, not
-    a thread each. ``result`` is set once it is over; the whole read, connect to last byte,
-    has one deadline (a per-recv timeout would let an endpoint that trickles a byte at a
-    time hold it forever) and at most ``maxMetricsBytes`` are kept.
-
-    The connection is kept alive between a pod's reads, as Prometheus keeps its scrape
-    connections: a TCP handshake and teardown per read would cost more CPU than the read.
-    A kept connection the pod has meanwhile closed is ``stale``: read again on a new one."""
-
-    def __init__(
-        self, ip: str, drain: DrainSettings, now: float, kept: socket.socket | None = None
-    ) -> None:
-        self.where = f"{ip}:{drain.metricsPort}{drain.metricsPath}"
-        self.deadline = now + drain.scrapeTimeoutSeconds
-        self.timeout = drain.scrapeTimeoutSeconds
-        self.limit = drain.maxMetricsBytes
-        host = f"[{ip}]" if ":" in ip else ip
-        self.request = (
-            f"GET {drain.metricsPath} HTTP/1.1\r\nHost: {host}:{drain.metricsPort}\r\n"
-            "User-Agent: stunner-guard\r\nAccept: text/plain;version=0.0.4\r\n\r\n"
-        ).encode()
-        self.answer = bytearray()
-        self.head: _Head | None = None
-        self.result: Reading | None = None
-        self.reusable = False  # the answer ended without closing the connection
-        self.stale = False
-        self.kept = kept is not None
-        if kept is not None:
-            self.sock = kept
-            self._send()
-            return
-        self.sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET)
-        self.sock.setblocking(False)
-        error = self.sock.connect_ex((ip, drain.metricsPort))
-        if error not in (0, errno.EINPROGRESS):
-            self._failed(error)
-        else:
-            # On a pod network the connection is often up already: send at once, and save
-            # the drain loop a wake-up per read.
-            self._send()
-
-    @property
-    def over(self) -> bool:
-        return self.result is not None or self.stale
-
-    @property
-    def events(self) -> int:
-        """What to wait for: the connection (writable) until the request is sent."""
-        return selectors.EVENT_WRITE if self.request else selectors.EVENT_READ
-
-    def step(self) -> None:
-        """Make progress after the selector said the socket is ready."""
-        if self.request:
-            self._send()
-        else:
-            self._receive()
-
-    def _send(self) -> None:
-        try:
-            sent = self.sock.send(self.request)
-        except (BlockingIOError, InterruptedError):
-            return  # still connecting: wait until writable
-        except OSError as err:
-            if err.errno != errno.ENOTCONN:
-                self._failed(err.errno)
-            elif error := self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
-                self._failed(error)
-            return
-        self.request = self.request[sent:]
-
-    def _receive(self) -> None:
-        """Everything there is to read now, up to the end of the answer."""
-        while not self.over:
-            try:
-                data = self.sock.recv(65536)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as err:
-                self._failed(err.errno)  # refused shows here when sent at once
-                return
-            if not data:
-                if self.kept and not self.answer:
-                    self.stale = True
-                else:
-                    self.result = reading_from_answer(bytes(self.answer), self.where)
-            elif len(self.answer) + len(data) > self.limit:
-                limit = self.limit
-                self.result = Reading(problem=f"{self.where} sent more than the {limit}-byte limit")
-            else:
-                self.answer += data
-                self._check_complete()
-
-    def _check_complete(self) -> None:
-        try:
-            self.head = self.head or _Head.parse(self.answer)
-        except ValueError:
-            self.result = Reading(problem=f"{self.where} did not send an HTTP answer")
-            return
-        if self.head is not None and self.head.complete(self.answer):
-            self.reusable = self.head.headers.get(b"connection") != b"close"
-            self.result = reading_from_answer(bytes(self.answer), self.where, self.head)
-
-    def expire(self) -> None:
-        if self.result is None:
-            self.result = Reading(problem=f"{self.where} did not answer within {self.timeout:g} s")
-
-    def keep(self) -> socket.socket | None:
-        """The connection, for the pod's next read, when it can serve one."""
-        return self.sock if self.reusable and not self.stale else None
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def _failed(self, error: int | None) -> None:
-        if self.kept and not self.answer and error in (errno.ECONNRESET, errno.EPIPE):
-            self.stale = True  # the pod closed the idle connection
-        elif error == errno.ECONNREFUSED:
-            problem = f"connection refused by {self.where} (metrics endpoint off?)"
-            self.result = Reading(problem=problem, fatal=True)
-        else:
-            self.result = Reading(problem=f"{self.where}: {os.strerror(error or errno.EIO)}")
-
-
-def read_allocations(ip: str, drain: DrainSettings) -> Reading:
-    """One read on its own (the drainer runs many at once in its loop instead)."""
-    read = MetricsRead(ip, drain, time.monotonic())
-    with selectors.DefaultSelector() as selector:
-        selector.register(read.sock, read.events)
-        while not read.over:
-            remaining = read.deadline - time.monotonic()
-            if remaining <= 0:
-                read.expire()
-            elif selector.select(remaining):
-                read.step()
-                selector.modify(read.sock, read.events)
-    read.close()
-    return read.result
 
 
 # --------------------------------------------------------------------------- the pod watch
@@ -723,10 +424,11 @@ class Waiter:
     started_at: float  # epoch seconds, for /drains
     deadline: float  # monotonic
     deadline_at: float  # epoch seconds
+    key: int = 0  # the reader process's name for this drain
     allocations: int | None = None
     failed_reads: int = 0
-    read: MetricsRead | None = None  # in flight
-    connection: socket.socket | None = None  # kept alive between reads
+    reading_until: float | None = None  # monotonic; set while a read is in flight
+    asked: bool = False  # the reader has read (and may keep a connection to) this pod
     next_scrape: float = 0.0  # monotonic
     plan: int = 0  # the drain loop's schedule entry that is current for this waiter
     answer: Answer | None = None
@@ -735,8 +437,8 @@ class Waiter:
 
 class Drainer:
     """Answers drain calls; owns the pod watch, the drain loop (one thread: every waiter's
-    schedule and every metrics read, non-blocking) and the event recorder, all started on
-    the first call (``create_app`` stays fast)."""
+    schedule, and the metrics reader process it hands the reads to) and the event
+    recorder, all started on the first call (``create_app`` stays fast)."""
 
     def __init__(
         self,
@@ -759,11 +461,18 @@ class Drainer:
         self._closed = False
         self.watcher = PodWatcher(kube, settings, self._pod_changed) if kube else None
         self.events = EventRecorder(kube, self.instance) if kube else None
-        # The drain loop's own: only its thread touches the selector and the read sockets.
+        self._keys = itertools.count(1)
+        self._reading: dict[int, Waiter] = {}  # reads in flight, by waiter key
+        self._outbox: list[list] = []  # commands for the reader, sent by the drain loop
+        # The drain loop's own: only its thread touches the selector and the reader.
         self._selector: selectors.BaseSelector | None = None
         self._wake_up: tuple[socket.socket, socket.socket] | None = None
         self._loop_ident: int | None = None
-        self._abandoned: list[socket.socket] = []  # of answered waiters, to close
+        self._reader = Reader(ReadSpec.of(self.drain_settings))
+        self._scrape_results = {
+            result: metrics.metric_scrapes.labels(result)
+            for result in ("ok", "failed", "unobservable")
+        }
 
     # ---------------------------------------------------------------- the call
 
@@ -920,6 +629,7 @@ class Drainer:
             deadline_at = pod.deletion - d.marginSeconds
             waiter = Waiter(
                 pod=pod,
+                key=next(self._keys),
                 started=now,
                 started_at=wall,
                 deadline=now + (deadline_at - wall),
@@ -940,8 +650,9 @@ class Drainer:
 
     def _plan(self, waiter: Waiter) -> None:
         """Schedule the waiter's next step: its next read, or, while a read is in flight,
-        that read's deadline; never later than the drain's deadline. Lock held."""
-        wake = waiter.read.deadline if waiter.read else waiter.next_scrape
+        the time by which the reader must have answered; never later than the drain's
+        deadline. Lock held."""
+        wake = waiter.next_scrape if waiter.reading_until is None else waiter.reading_until
         waiter.plan = next(self._sequence)
         heapq.heappush(self._schedule, (min(wake, waiter.deadline), waiter.plan, waiter))
         if threading.get_ident() != self._loop_ident:
@@ -953,7 +664,7 @@ class Drainer:
                 self._wake_up[1].send(b"\0")
 
     def _run_loop(self) -> None:
-        """Every waiter's schedule and every metrics read, in one thread."""
+        """Every waiter's schedule; the reads go to the reader process and come back."""
         selector = self._selector
         while True:
             with self._lock:
@@ -965,88 +676,78 @@ class Drainer:
                     if waiter.answer is None and plan == waiter.plan:
                         self._step(waiter, now)
                 timeout = max(0.0, self._schedule[0][0] - now) if self._schedule else None
-                abandoned, self._abandoned = self._abandoned, []
-            for sock in abandoned:
-                self._close_socket(sock)
+                outbox, self._outbox = self._outbox, []
+            if outbox:
+                self._send(outbox)
             for key, _ in selector.select(timeout):
                 if key.data is None:
                     with contextlib.suppress(OSError):
                         key.fileobj.recv(4096)
                     continue
-                waiter, read = key.data
-                if read is None:
-                    # A kept connection woke while idle: the pod closed it. Read anew.
-                    with self._lock:
-                        if waiter.connection is key.fileobj:
-                            waiter.connection = None
-                    self._close_socket(key.fileobj)
-                    continue
-                waited_for = read.events
-                read.step()  # the socket's I/O, outside the lock
-                if not read.over:
-                    if read.events != waited_for:
-                        selector.modify(read.sock, read.events, key.data)
+                results = self._reader.receive()
+                if results is None:
+                    self._reader_exited()
                     continue
                 with self._lock:
-                    if waiter.read is read:
-                        self._end_read(waiter, read)
-        for key in list(selector.get_map().values()):
-            key.fileobj.close()
+                    for waiter_key, allocations, problem, fatal in results:
+                        waiter = self._reading.pop(waiter_key, None)
+                        if waiter is not None:
+                            self._end_read(waiter, Reading(allocations, problem, fatal))
+        if self._reader.running:
+            selector.unregister(self._reader.process.stdout)
+            self._reader.stop()
         selector.close()
-        self._wake_up[1].close()
+        for end in self._wake_up:
+            end.close()
+
+    def _send(self, commands: list[list]) -> None:
+        """To the reader, started if it is not running. Drain loop thread."""
+        if not self._reader.running:
+            self._selector.register(self._reader.start(), selectors.EVENT_READ, "reader")
+        if not self._reader.send(commands):
+            self._reader_exited()
+
+    def _reader_exited(self) -> None:
+        """The reader died: its reads in flight failed; the next read starts another."""
+        self._selector.unregister(self._reader.process.stdout)
+        code = self._reader.stop()
+        log.error("the metrics reader exited with code %s; restarting it", code)
+        with self._lock:
+            reading, self._reading = self._reading, {}
+            for waiter in reading.values():
+                problem = f"the metrics reader exited with code {code}"
+                self._end_read(waiter, Reading(problem=problem))
 
     def _step(self, waiter: Waiter, now: float) -> None:
         """Whatever is due for this waiter. Lock held, drain loop thread."""
-        read = waiter.read
         if now >= waiter.deadline:
             self._finish_at_deadline(waiter)
-        elif read is not None and now >= read.deadline:
-            read.expire()
-            self._end_read(waiter, read)
-        elif read is None and now >= waiter.next_scrape:
+        elif waiter.reading_until is not None and now >= waiter.reading_until:
+            # The reader ends every read at its own deadline: this one is stuck.
+            del self._reading[waiter.key]
+            self._end_read(waiter, Reading(problem="the metrics reader did not answer"))
+        elif waiter.reading_until is None and now >= waiter.next_scrape:
             self._begin_read(waiter, now)
         else:
             self._plan(waiter)
 
     def _begin_read(self, waiter: Waiter, now: float) -> None:
-        kept, waiter.connection = waiter.connection, None
-        read = waiter.read = MetricsRead(waiter.pod.ip, self.drain_settings, now, kept)
-        if read.over:  # refused at once, or a kept connection found closed
-            self._end_read(waiter, read)
-            return
-        if kept is None:
-            self._selector.register(read.sock, read.events, (waiter, read))
-        else:  # still registered from the last read: usually no system call
-            self._selector.modify(read.sock, read.events, (waiter, read))
+        waiter.reading_until = now + self.drain_settings.scrapeTimeoutSeconds + READER_SLACK_SECONDS
+        waiter.asked = True
+        self._reading[waiter.key] = waiter
+        self._outbox.append([waiter.key, waiter.pod.ip])
         self._plan(waiter)
 
-    def _end_read(self, waiter: Waiter, read: MetricsRead) -> None:
-        waiter.read = None
-        if read.stale:  # the pod had closed the kept connection: the same read, anew
-            self._close_socket(read.sock)
-            self._begin_read(waiter, time.monotonic())
-            return
-        if (kept := read.keep()) is not None:
-            # Stays registered while idle (no read in flight): it wakes the loop only if
-            # the pod closes it.
-            self._selector.modify(kept, selectors.EVENT_READ, (waiter, None))
-            waiter.connection = kept
-        else:
-            self._close_socket(read.sock)
+    def _end_read(self, waiter: Waiter, reading: Reading) -> None:
+        """A read is over. Lock held."""
+        waiter.reading_until = None
         # The next read one interval after this one ended: at most one read reaches the pod
         # per poll interval, however many calls wait on it and however late this one was.
         due = time.monotonic() + self.drain_settings.pollIntervalSeconds
         waiter.next_scrape = math.ceil(due / READ_SLOT_SECONDS) * READ_SLOT_SECONDS
-        self.metrics.metric_scrapes.labels(read.result.result).inc()
+        self._scrape_results[reading.result].inc()
         if waiter.answer is None:
-            self._take_reading(waiter, read.result)
-
-    def _close_socket(self, sock: socket.socket) -> None:
-        """Unregister, then close: a closed descriptor's number is soon reused. Drain loop
-        thread only."""
-        with contextlib.suppress(KeyError, ValueError):
-            self._selector.unregister(sock)
-        sock.close()
+            self._take_reading(waiter, reading)
 
     def _take_reading(self, waiter: Waiter, reading: Reading) -> None:
         pod = waiter.pod
@@ -1117,12 +818,11 @@ class Drainer:
         """Answer every call waiting on this pod (once). Lock held."""
         if waiter.answer is not None:
             return
-        # Only the drain loop may close its sockets: hand them back to it.
-        for sock in (waiter.read and waiter.read.sock, waiter.connection):
-            if sock is not None:
-                self._abandoned.append(sock)
-                self._wake()
-        waiter.read = waiter.connection = None
+        self._reading.pop(waiter.key, None)
+        waiter.reading_until = None
+        if waiter.asked:  # the reader closes the pod's connection
+            self._outbox.append([waiter.key, None])
+            self._wake()
         seconds = time.monotonic() - waiter.started
         waiter.answer = Answer(outcome, message, waiter.pod.ref, waiter.allocations, seconds)
         if self._waiters.get(waiter.pod.key) is waiter:
