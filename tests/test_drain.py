@@ -8,6 +8,7 @@ import datetime
 import selectors
 import signal
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -462,6 +463,35 @@ def test_the_reader_process_reads_keeps_and_forgets_connections(cluster):
         assert cluster.api.wait_until(lambda: cluster.fleet.open_connections(first.target) == 0)
     finally:
         assert reader.stop() == 0  # closing its stdin ends it cleanly
+
+
+def test_batches_larger_than_a_pipe_never_deadlock_the_reader(cluster):
+    """The drainer writes a batch while it does not read results: were the reader to block
+    writing results into a full pipe meanwhile, neither would ever go on."""
+    pod = cluster.pod("udp-gateway-a")
+    cluster.fleet.refuse(pod.target)  # every read fails at once, with a long message
+    reader = Reader(ReadSpec.of(replace(FAST, metricsPort=cluster.port)))
+    results = reader.start()
+    count = 12000  # per batch ~100 KiB of commands, ~700 KiB of results: beyond a pipe
+    batches = [[[key, pod.target.ip] for key in range(n, n + count // 2)] for n in (0, count // 2)]
+    try:
+        # The second batch goes while the first one's results fill the pipe back.
+        sent: list[bool] = []
+        sender = threading.Thread(
+            target=lambda: sent.append(all(reader.send(batch) for batch in batches)), daemon=True
+        )
+        sender.start()
+        sender.join(20)
+        assert sent == [True], "deadlocked: the reader stopped reading while writing"
+        got: list[list] = []
+        with selectors.DefaultSelector() as selector:
+            selector.register(results, selectors.EVENT_READ)
+            while len(got) < count and selector.select(5):
+                got += reader.receive() or []
+        assert sorted(key for key, *_ in got) == list(range(count))
+        assert all(fatal and "connection refused" in problem for _, _, problem, fatal in got)
+    finally:
+        assert reader.stop() == 0
 
 
 def test_a_reader_that_dies_is_replaced_and_the_drain_goes_on(cluster, calls):

@@ -358,12 +358,17 @@ def read_allocations(ip: str, drain: ReadSpec) -> Reading:
 
 class ReaderLoop:
     """The reader process: commands in on ``commands`` (a pipe), results out on
-    ``results``, every read non-blocking in one selector."""
+    ``results``, every read non-blocking in one selector.
+
+    Results are never written blocking: the drainer may be in the middle of writing a
+    batch of commands larger than a pipe holds, and stops reading results meanwhile. This
+    loop keeps reading commands, so that write ends, and the drainer reads again."""
 
     def __init__(self, spec: ReadSpec, commands: int, results: int) -> None:
         self.spec = spec
         self.commands = commands
         self.results = results
+        os.set_blocking(results, False)
         self.selector = selectors.DefaultSelector()
         self.selector.register(commands, selectors.EVENT_READ, None)
         self.pending = b""
@@ -371,6 +376,8 @@ class ReaderLoop:
         self.kept: dict[int, socket.socket] = {}
         self.deadlines: list[tuple[float, int, MetricsRead]] = []
         self.out: list[list] = []
+        self.unsent = bytearray()
+        self.waiting = False  # for the results pipe to take more
 
     def run(self) -> None:
         """Until the drainer closes the command pipe (it exited, or stopped the reader)."""
@@ -382,12 +389,25 @@ class ReaderLoop:
                 if key.data is None:
                     if not self._commands():
                         return
+                elif key.data == "results":
+                    self._flush()
                 else:
                     self._ready(*key.data, key.fileobj)
             self._expire(time.monotonic())
             if self.out:
-                _write_all(self.results, orjson.dumps(self.out) + b"\n")
+                self.unsent += orjson.dumps(self.out) + b"\n"
                 self.out.clear()
+                self._flush()
+
+    def _flush(self) -> None:
+        """Write what the pipe takes; wait for it to be writable while some is left."""
+        with contextlib.suppress(BlockingIOError):
+            del self.unsent[: os.write(self.results, self.unsent)]
+        if self.unsent and not self.waiting:
+            self.selector.register(self.results, selectors.EVENT_WRITE, "results")
+        elif self.waiting and not self.unsent:
+            self.selector.unregister(self.results)
+        self.waiting = bool(self.unsent)
 
     def _commands(self) -> bool:
         data = os.read(self.commands, 1 << 16)
