@@ -510,6 +510,16 @@ def test_a_reader_that_dies_is_replaced_and_the_drain_goes_on(cluster, calls):
     assert first.wait(timeout=5) == -signal.SIGKILL
 
 
+def test_a_reader_that_cannot_start_fails_reads_and_the_drain_gives_up(cluster):
+    pod = cluster.pod("udp-gateway-abc", allocations=3)
+    drainer = cluster.drainer(pollIntervalSeconds=0.1)
+    drainer._reader.python = "/nonexistent/python3"  # no process can be made
+    answer = drainer.drain(NS, pod.token)
+    assert answer.outcome == "unobservable"
+    assert answer.message.startswith("3 failed reads in a row, last: cannot start the metrics")
+    assert pod.target.scrapes == []
+
+
 def test_a_pod_deleted_mid_drain_is_answered_at_once(cluster, calls):
     pod = cluster.pod("udp-gateway-abc", allocations=3)
     drainer = cluster.drainer()

@@ -703,7 +703,13 @@ class Drainer:
     def _send(self, commands: list[list]) -> None:
         """To the reader, started if it is not running. Drain loop thread."""
         if not self._reader.running:
-            self._selector.register(self._reader.start(), selectors.EVENT_READ, "reader")
+            try:
+                results = self._reader.start()
+            except OSError as err:  # no process can be made now: fail these reads
+                log.error("cannot start the metrics reader: %s", err)
+                self._fail_reads(f"cannot start the metrics reader: {err}")
+                return
+            self._selector.register(results, selectors.EVENT_READ, "reader")
         if not self._reader.send(commands):
             self._reader_exited()
 
@@ -712,11 +718,15 @@ class Drainer:
         self._selector.unregister(self._reader.process.stdout)
         code = self._reader.stop()
         log.error("the metrics reader exited with code %s; restarting it", code)
+        self._fail_reads(f"the metrics reader exited with code {code}")
+
+    def _fail_reads(self, problem: str) -> None:
+        """Every read in flight failed (a failed read, not a fatal one)."""
         with self._lock:
             reading, self._reading = self._reading, {}
             for waiter in reading.values():
-                problem = f"the metrics reader exited with code {code}"
                 self._end_read(waiter, Reading(problem=problem))
+        self._wake()  # this loop pass's select() would sleep past their next reads
 
     def _step(self, waiter: Waiter, now: float) -> None:
         """Whatever is due for this waiter. Lock held, drain loop thread."""

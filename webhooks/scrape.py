@@ -499,8 +499,9 @@ def _write_all(fd: int, data: bytes) -> None:
 class Reader:
     """The drainer's handle on the reader process (used from the drain loop thread only)."""
 
-    def __init__(self, spec: ReadSpec) -> None:
+    def __init__(self, spec: ReadSpec, python: str = sys.executable) -> None:
         self.spec = spec
+        self.python = python
         self.process: subprocess.Popen | None = None
         self.pending = b""
 
@@ -514,7 +515,7 @@ class Reader:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "webhooks.scrape", orjson.dumps(asdict(self.spec)).decode()],
+            [self.python, "-m", "webhooks.scrape", orjson.dumps(asdict(self.spec)).decode()],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             bufsize=0,
@@ -563,7 +564,8 @@ def main(argv: list[str]) -> int:
     # drainer (its stdin closes), not before it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     spec = ReadSpec(**orjson.loads(argv[0]))
-    ReaderLoop(spec, sys.stdin.fileno(), sys.stdout.fileno()).run()
+    with contextlib.suppress(BrokenPipeError):  # the drainer is gone: so is the reader
+        ReaderLoop(spec, sys.stdin.fileno(), sys.stdout.fileno()).run()
     return 0
 
 
