@@ -34,5 +34,5 @@ USER 10001:10001
 ENV BIND=0.0.0.0 PORT=8443
 EXPOSE 8443
 
-# gunicorn.conf.py sets wsgi_app = "app:create_app()" and the gthread worker.
+# gunicorn.conf.py sets wsgi_app = "app:create_app()" and the worker (webhooks/serving.py).
 CMD ["gunicorn", "--config", "gunicorn.conf.py"]

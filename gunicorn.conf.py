@@ -27,7 +27,8 @@ _drain = from_env().drain
 
 wsgi_app = "app:create_app()"
 bind = f"{os.environ.get('BIND', '127.0.0.1')}:{os.environ.get('PORT', '8443')}"
-worker_class = "gthread"
+# gthread, with its lingering closes moved off the main loop (webhooks/serving.py).
+worker_class = "webhooks.serving.ThreadWorker"
 # One process: the drain keeps one pod watch and one waiter per pod per process.
 workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
 # Threads no drain can take: admission (the apiserver's webhook calls), probes, /metrics.

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -212,6 +212,7 @@ class Load:
     p99_ms: float
     statuses: dict[str, int]
     errors: int
+    error_kinds: list[str] = field(default_factory=list)  # hey's error distribution
     server_cpu_ms: float = float("nan")  # server worker CPU per request
 
     @property
@@ -231,6 +232,7 @@ class Load:
             "server_cpu_ms_per_request": round(self.server_cpu_ms, 3),
             "statuses": self.statuses,
             "errors": self.errors,
+            "error_kinds": self.error_kinds[:5],
         }
 
 
@@ -266,7 +268,7 @@ def hey(
 
 
 def parse_hey(text: str) -> Load:
-    rps, percentiles, statuses, errors = float("nan"), {}, {}, 0
+    rps, percentiles, statuses, errors, error_kinds = float("nan"), {}, {}, 0, []
     section = ""
     for raw in text.splitlines():
         line = raw.strip()
@@ -283,12 +285,14 @@ def parse_hey(text: str) -> Load:
             statuses[code] = int(count.split()[0])
         elif section.startswith("Error distribution") and line.startswith("["):
             errors += int(line[1:].split("]")[0])
+            error_kinds.append(line)
     return Load(
         rps,
         percentiles.get("50", float("nan")),
         percentiles.get("99", float("nan")),
         statuses,
         errors,
+        error_kinds=error_kinds,
     )
 
 

@@ -1093,7 +1093,10 @@ def test_gunicorn_configures_itself_from_the_rendered_environment(
     for name, value in _guard_environment(chart, tmp_path).items():
         monkeypatch.setenv(name, value)
     conf = runpy.run_path(str(REPO / "gunicorn.conf.py"))
-    assert conf["wsgi_app"] == "app:create_app()" and conf["worker_class"] == "gthread"
+    assert (
+        conf["wsgi_app"] == "app:create_app()"
+        and conf["worker_class"] == "webhooks.serving.ThreadWorker"
+    )
     assert conf["bind"] == "0.0.0.0:8443" and conf["workers"] == 1
     held = values["policy"]["drain"]["maxConcurrent"]
     gunicorn = values["gunicorn"]

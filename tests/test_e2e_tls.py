@@ -81,3 +81,31 @@ def test_readyz_and_metrics(server):
     assert time.monotonic() - started < 3
     metrics = requests.get(f"{base}/metrics", verify=str(ca), timeout=5).text
     assert "stunner_guard_admission_requests_total" in metrics
+
+
+def test_peers_that_leave_closed_connections_open_do_not_stall_the_server(server):
+    """gthread lingers up to 2 s on each connection it closes, for the peer to close too;
+    on its main loop, six such peers would hold every new connection for 12 s (and fifteen
+    get the worker killed, with every drain it holds). webhooks/serving.py moves that off."""
+    base, ca = server
+    port = int(base.rsplit(":", 1)[1])
+    context = ssl.create_default_context(cafile=str(ca))
+    peers = []
+    try:
+        for _ in range(6):
+            # kubelet leaves a preStop request open once it killed the container; these ask
+            # for the close and then neither read nor close.
+            peer = context.wrap_socket(
+                socket.create_connection(("127.0.0.1", port), timeout=5),
+                server_hostname="127.0.0.1",
+            )
+            peer.sendall(b"GET /healthz HTTP/1.1\r\nHost: guard\r\nConnection: close\r\n\r\n")
+            peers.append(peer)
+        time.sleep(0.3)  # answered: their closes linger now
+        started = time.monotonic()
+        response = requests.get(f"{base}/healthz", verify=str(ca), timeout=30)
+        assert response.status_code == 200
+        assert time.monotonic() - started < 1.0
+    finally:
+        for peer in peers:
+            peer.close()

@@ -38,6 +38,8 @@ import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 ALLOCATIONS_METRIC = "stunner_allocations_active"
+# Results wait this long at most for others to go out with them (see ReaderLoop.run).
+RESULTS_EVERY_SECONDS = 0.02
 
 
 @dataclass(frozen=True)
@@ -375,16 +377,19 @@ class ReaderLoop:
         self.reads: dict[int, MetricsRead] = {}
         self.kept: dict[int, socket.socket] = {}
         self.deadlines: list[tuple[float, int, MetricsRead]] = []
-        self.out: list[list] = []
+        self.out: list[list] = []  # results not yet written
+        self.out_since = 0.0  # monotonic: when the oldest of them came
         self.unsent = bytearray()
         self.waiting = False  # for the results pipe to take more
 
     def run(self) -> None:
         """Until the drainer closes the command pipe (it exited, or stopped the reader)."""
         while True:
-            timeout = None
-            if self.deadlines:
-                timeout = max(0.0, self.deadlines[0][0] - time.monotonic())
+            now = time.monotonic()
+            due = [self.deadlines[0][0]] if self.deadlines else []
+            if self.out:
+                due.append(self.out_since + RESULTS_EVERY_SECONDS)
+            timeout = max(0.0, min(due) - now) if due else None
             for key, _ in self.selector.select(timeout):
                 if key.data is None:
                     if not self._commands():
@@ -393,8 +398,11 @@ class ReaderLoop:
                     self._flush()
                 else:
                     self._ready(*key.data, key.fileobj)
-            self._expire(time.monotonic())
-            if self.out:
+            now = time.monotonic()
+            self._expire(now)
+            # Results go out together: each write wakes the drainer, whose GIL admission
+            # needs. Once every read in flight is over, or after RESULTS_EVERY_SECONDS.
+            if self.out and (not self.reads or now >= self.out_since + RESULTS_EVERY_SECONDS):
                 self.unsent += orjson.dumps(self.out) + b"\n"
                 self.out.clear()
                 self._flush()
@@ -471,6 +479,8 @@ class ReaderLoop:
         else:
             self._close(read.sock)
         result = read.result
+        if not self.out:
+            self.out_since = time.monotonic()
         self.out.append([key, result.allocations, result.problem, result.fatal])
 
     def _forget_read(self, key: int) -> None:
