@@ -18,6 +18,7 @@ from an asyncio client, and hey posting the captured Pod CREATE review to /mutat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
@@ -124,7 +125,11 @@ class HeldDrains:
             length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
             body = await reader.readexactly(length)
             done = time.monotonic()
-            writer.close()  # the client ends the kept-alive connection, as an idle Go one does
+            # The client ends the kept-alive connection, as an idle Go one does (close_notify,
+            # then the TCP close; asyncio closes the socket once the server has closed too).
+            writer.close()
+            with contextlib.suppress(OSError, TimeoutError, ssl.SSLError):
+                await asyncio.wait_for(writer.wait_closed(), 5)
             status = int(head.split()[1])
             self.answered[path] = (done, status, json.loads(body))
         except (
