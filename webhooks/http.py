@@ -52,9 +52,9 @@ def _admit(webhook: str) -> Response:
 
 
 def _read_body(limit: int) -> bytes:
-    """At most ``limit + 1`` bytes of the body, read in pieces: werkzeug's stream.read(n)
-    allocates n bytes up front, and a 3 MiB allocation per request (mmap and munmap in a
-    threaded process) costs more than the rest of a small review's handling."""
+    """At most ``limit + 1`` bytes of the body: its declared length, or pieces of a chunked
+    one. werkzeug's stream.read(n) allocates n bytes up front, and reading ``limit + 1``
+    at once cost a 3 MiB buffer (an mmap and a munmap) per review of a few KiB."""
     if request.content_length is not None:
         return request.stream.read(request.content_length)
     chunks, size = [], 0
