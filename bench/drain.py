@@ -70,7 +70,7 @@ def _serve_fleet(conn, count: int) -> None:
         targets = [first] + [
             fleet.add(pod_ip(i), first.port, allocations=ALLOCATIONS) for i in range(1, count)
         ]
-        conn.send(first.port)
+        conn.send((first.port, os.getpid()))
         while (command := conn.recv()) != "stop":
             if command == "scrapes":
                 conn.send([list(t.scrapes) for t in targets])
@@ -261,7 +261,7 @@ def run() -> dict:
     ):
         if not fleet.poll(60):
             raise RuntimeError("the fake stunnerd fleet did not start")
-        metrics_port = fleet.recv()
+        metrics_port, fleet_pid = fleet.recv()
         paths = []
         for i in range(DRAINS):
             pod = stunnerd_pod(f"udp-gateway-{i:04d}", NAMESPACE, token=f"t{i:04d}", ip=pod_ip(i))
@@ -291,10 +291,12 @@ def run() -> dict:
                 reader = children(worker)  # the drainer's metrics reader process
                 loaded_from, cpu = time.monotonic(), cpu_seconds(worker)
                 reader_cpu = sum(cpu_seconds(pid) for pid in reader)
+                fleet_cpu = cpu_seconds(fleet_pid)
                 loaded = admission_load(server.url, POD_REVIEW)
                 loaded_to = time.monotonic()
                 loaded_cpu = (cpu_seconds(worker) - cpu) / LOAD_SECONDS
                 reader_cpu = (sum(cpu_seconds(pid) for pid in reader) - reader_cpu) / LOAD_SECONDS
+                fleet_cpu = (cpu_seconds(fleet_pid) - fleet_cpu) / LOAD_SECONDS
                 # Windows in ABBA order (idle, held, held, idle): the machine's speed drifts
                 # over minutes, and one window's p99 is its worst 30 requests.
                 loaded_again = admission_load(server.url, POD_REVIEW)
@@ -333,6 +335,7 @@ def run() -> dict:
         "worker_cpu_loaded": loaded_cpu,
         "reader_processes": len(reader),
         "reader_cpu_loaded": reader_cpu,
+        "harness_fleet_cpu_loaded": fleet_cpu,
         "rss_mib": rss,
         "worker_threads": threads,
         "release_staggered": staggered,
@@ -373,6 +376,11 @@ def table(f: dict) -> str:
             "",
         ),
         ("metrics reader process CPU, held", f"{f['reader_cpu_loaded']:.0%} of a core", ""),
+        (
+            "harness: fake stunnerd fleet CPU, held",
+            f"{f['harness_fleet_cpu_loaded']:.0%} of a core (on this box, not the guard's)",
+            "",
+        ),
         (
             "RSS, master + worker + reader, held",
             f"{f['rss_mib']:.0f} MiB ({f['worker_threads']} worker threads)",
