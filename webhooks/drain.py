@@ -734,7 +734,7 @@ class Drainer:
             self._finish_at_deadline(waiter)
         elif waiter.reading_until is not None and now >= waiter.reading_until:
             # The reader ends every read at its own deadline: this one is stuck.
-            del self._reading[waiter.key]
+            self._reading.pop(waiter.key, None)
             self._end_read(waiter, Reading(problem="the metrics reader did not answer"))
         elif waiter.reading_until is None and now >= waiter.next_scrape:
             self._begin_read(waiter, now)
