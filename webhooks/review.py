@@ -121,14 +121,17 @@ def _diff(a: Any, b: Any, pointer: str, ops: list[dict]) -> None:
     if a is b:
         return
     if isinstance(a, dict) and isinstance(b, dict):
-        for key in a.keys() - b.keys():
-            ops.append({"op": "remove", "path": f"{pointer}/{_escape(key)}"})
+        kept = 0  # members of b that a has: fewer than len(a), and a lost some
         for key, value in b.items():
             if key in a:
+                kept += 1
                 if a[key] is not value:
                     _diff(a[key], value, f"{pointer}/{_escape(key)}", ops)
             else:
                 ops.append({"op": "add", "path": f"{pointer}/{_escape(key)}", "value": value})
+        if kept < len(a):
+            for key in a.keys() - b.keys():
+                ops.append({"op": "remove", "path": f"{pointer}/{_escape(key)}"})
         return
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
         for index, (x, y) in enumerate(zip(a, b, strict=True)):

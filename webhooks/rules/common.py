@@ -14,9 +14,12 @@ def copy_tree(value: Any) -> Any:
     """A copy of a JSON tree (what an admission request's object is): several times
     faster than copy.deepcopy, which must handle any Python object graph."""
     if isinstance(value, dict):
-        return {key: copy_tree(item) for key, item in value.items()}
+        return {
+            key: copy_tree(item) if isinstance(item, dict | list) else item
+            for key, item in value.items()
+        }
     if isinstance(value, list):
-        return [copy_tree(item) for item in value]
+        return [copy_tree(item) if isinstance(item, dict | list) else item for item in value]
     return value
 
 
