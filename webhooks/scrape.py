@@ -11,8 +11,9 @@ speaks to the reader over its stdin and stdout, one JSON list per line, each a b
     drainer -> reader   [[key, "10.0.3.7"], ...]   read that pod's count now (key: the
                         [[key, null], ...]         drain's); forget the drain: close its
                                                    connection
-    reader -> drainer   [[key, allocations, problem, fatal], ...]   one per read, in any
-                                                                    order
+    reader -> drainer   [[key, allocations, problem, fatal, ended], ...]   one per read,
+                        in any order; ended: when the read ended (CLOCK_MONOTONIC, the same
+                        clock in every process), which the next read is scheduled from
 
 A reader that dies fails the reads in flight (failed reads, not fatal ones) and the
 drainer starts another.
@@ -38,8 +39,9 @@ import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 ALLOCATIONS_METRIC = "stunner_allocations_active"
-# Results wait this long at most for others to go out with them (see ReaderLoop.run).
-RESULTS_EVERY_SECONDS = 0.02
+# A count above zero waits up to this long (at most half a poll interval) for others to
+# go out with it; a zero or a failed read goes out at once (see ReaderLoop.run).
+RESULTS_EVERY_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -51,11 +53,16 @@ class ReadSpec:
     metricsPath: str = "/metrics"
     scrapeTimeoutSeconds: float = 0.5
     maxMetricsBytes: int = 1 << 20
+    pollIntervalSeconds: float = 1.0
 
     @classmethod
     def of(cls, drain: Any) -> ReadSpec:
         return cls(
-            drain.metricsPort, drain.metricsPath, drain.scrapeTimeoutSeconds, drain.maxMetricsBytes
+            drain.metricsPort,
+            drain.metricsPath,
+            drain.scrapeTimeoutSeconds,
+            drain.maxMetricsBytes,
+            drain.pollIntervalSeconds,
         )
 
 
@@ -379,6 +386,8 @@ class ReaderLoop:
         self.deadlines: list[tuple[float, int, MetricsRead]] = []
         self.out: list[list] = []  # results not yet written
         self.out_since = 0.0  # monotonic: when the oldest of them came
+        self.urgent = False  # one of them is a zero or a failed read
+        self.hold = min(RESULTS_EVERY_SECONDS, spec.pollIntervalSeconds / 2)
         self.unsent = bytearray()
         self.waiting = False  # for the results pipe to take more
 
@@ -388,7 +397,7 @@ class ReaderLoop:
             now = time.monotonic()
             due = [self.deadlines[0][0]] if self.deadlines else []
             if self.out:
-                due.append(self.out_since + RESULTS_EVERY_SECONDS)
+                due.append(self.out_since + self.hold)
             timeout = max(0.0, min(due) - now) if due else None
             for key, _ in self.selector.select(timeout):
                 if key.data is None:
@@ -400,11 +409,12 @@ class ReaderLoop:
                     self._ready(*key.data, key.fileobj)
             now = time.monotonic()
             self._expire(now)
-            # Results go out together: each write wakes the drainer, whose GIL admission
-            # needs. Once every read in flight is over, or after RESULTS_EVERY_SECONDS.
-            if self.out and (not self.reads or now >= self.out_since + RESULTS_EVERY_SECONDS):
+            # Counts still above zero go out together: each write wakes the drainer, whose
+            # GIL admission needs, and only a zero or a failed read changes what it does.
+            if self.out and (self.urgent or now >= self.out_since + self.hold):
                 self.unsent += orjson.dumps(self.out) + b"\n"
                 self.out.clear()
+                self.urgent = False
                 self._flush()
 
     def _flush(self) -> None:
@@ -478,10 +488,11 @@ class ReaderLoop:
             self.kept[key] = kept
         else:
             self._close(read.sock)
-        result = read.result
+        result, now = read.result, time.monotonic()
         if not self.out:
-            self.out_since = time.monotonic()
-        self.out.append([key, result.allocations, result.problem, result.fatal])
+            self.out_since = now
+        self.urgent = self.urgent or not result.allocations
+        self.out.append([key, result.allocations, result.problem, result.fatal, now])
 
     def _forget_read(self, key: int) -> None:
         read = self.reads.pop(key, None)
