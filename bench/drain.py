@@ -4,9 +4,8 @@ holding 1,000 concurrent preStop drains while admission is under load.
 Everything is on loopback: the stand-in API server (1,000 terminating stunnerd pods), a
 fake stunnerd fleet in its own process (1,000 metrics endpoints, pod IPs 127.0.x.y on one
 port, each answering its ``stunner_allocations_active``), 1,000 kubelet-shaped HTTPS calls
-from asyncio clients in four processes, and hey posting the captured Pod CREATE review to
-/mutate at 200 req/s over kept-alive connections. Figures (printed, and written to
-bench/out/):
+from an asyncio client, and hey posting the captured Pod CREATE review to /mutate at
+200 req/s over kept-alive connections. Figures (printed, and written to bench/out/):
 
 - admission p50/p99 at 200 req/s with no drains and with 1,000 drains held, in four
   15 s windows in ABBA order (<= 1.5x);
@@ -45,7 +44,6 @@ POLL_SECONDS = 1.0  # the default drain.pollIntervalSeconds
 RATE = 200  # admission requests per second: 20 workers x 10/s
 LOAD_SECONDS = 15
 RAMP_SECONDS = 4.0  # kubelet calls arrive as pods are deleted, not in one instant
-KUBELET_PROCESSES = 4  # the processes making the drain calls
 POD_REVIEW = (
     REPO
     / "tests/fixtures/admission/apiserver-v1.36/stunner"
@@ -150,42 +148,6 @@ def _hold_drains(conn) -> None:
         drains = HeldDrains(*command)
         asyncio.run(drains.run())
         conn.send((drains.answered, drains.errors))
-
-
-class Kubelets:
-    """The drain calls, from KUBELET_PROCESSES processes (as from many nodes): one asyncio
-    loop answering a thousand TLS connections at once would itself be what the release
-    latency measures. Speaks like one child's pipe: send, poll, recv."""
-
-    def __init__(self, pipes: list) -> None:
-        self.pipes = pipes
-
-    def send(self, command) -> None:
-        if command == "stop":
-            for pipe in self.pipes:
-                pipe.send("stop")
-            return
-        port, paths = command
-        for i, pipe in enumerate(self.pipes):
-            pipe.send((port, paths[i :: len(self.pipes)]))
-
-    def poll(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        return all(pipe.poll(max(0.0, deadline - time.monotonic())) for pipe in self.pipes)
-
-    def recv(self) -> tuple[dict, list]:
-        answered, errors = {}, []
-        for pipe in self.pipes:
-            part, part_errors = pipe.recv()
-            answered.update(part)
-            errors += part_errors
-        return answered, errors
-
-
-@contextmanager
-def kubelets():
-    with contextlib.ExitStack() as stack:
-        yield Kubelets([stack.enter_context(child(_hold_drains)) for _ in range(KUBELET_PROCESSES)])
 
 
 @contextmanager
@@ -294,7 +256,7 @@ def run() -> dict:
     raise_fd_limit()
     with (
         child(_serve_fleet, DRAINS) as fleet,
-        kubelets() as drains,
+        child(_hold_drains) as drains,
         StandinAPIServer() as api,
     ):
         if not fleet.poll(60):
