@@ -4,16 +4,15 @@ A thousand held drains are a thousand metrics reads a second. Done in the gunico
 they took a fifth of a core under its GIL, the GIL admission needs: the apiserver's webhook
 calls then waited on them. So the reads run in a child process the drainer starts
 (``python -m webhooks.scrape``, which imports nothing heavier than prometheus_client's
-parser): one non-blocking loop over every read, one kept-alive connection per pod. The
-drainer keeps the schedule (at most one read per pod per poll interval, deadlines) and
-speaks to the reader over its stdin and stdout, one JSON list per line, each a batch:
+parser and orjson): one non-blocking loop over every read, one kept-alive connection per
+pod. The drainer keeps the schedule (at most one read per pod per poll interval, deadlines)
+and speaks to the reader over its stdin and stdout, one JSON list per line, each a batch:
 
-    drainer -> reader   [[key, "10.0.3.7"], ...]   read that pod's count now (key: the
-                        [[key, null], ...]         drain's); forget the drain: close its
-                                                   connection
-    reader -> drainer   [[key, allocations, problem, fatal, ended], ...]   one per read,
-                        in any order; ended: when the read ended (CLOCK_MONOTONIC, the same
-                        clock in every process), which the next read is scheduled from
+    drainer -> reader   [[key, "10.0.3.7"], ...]  read that pod's count now (key: the drain's)
+                        [[key, null], ...]        forget the drain: close its connection
+    reader -> drainer   [[key, allocations, problem, fatal, ended], ...]  one per read, in
+                        any order; ended is when the read ended (CLOCK_MONOTONIC, one clock
+                        for every process): the next read is timed from it
 
 A reader that dies fails the reads in flight (failed reads, not fatal ones) and the
 drainer starts another.
