@@ -25,10 +25,11 @@ unobservable after failed reads); everything else answers at once. Per process: 
 watch (label selector on the drain token label) instead of API calls per request, one
 waiter per pod however many duplicate calls arrive, at most one metrics read per pod per
 poll interval, and one drain loop thread that schedules every read. The reads themselves
-run in a child process (webhooks/scrape.py), off the GIL that admission needs, which tells
-this one at once of a zero or a failed read and of other counts in batches: a thousand held
-drains cost a thousand idle request threads, about a sixth of a core in the reader and no
-measurable CPU here, one kept-alive connection per pod (``make bench``).
+run in a child process (webhooks/scrape.py), off the GIL that admission needs; it passes
+zeros and failed reads on within 20 ms and other counts in half-second batches. A thousand
+held drains cost a thousand idle request threads, about a sixth of a core in the reader,
+little here (0-13% of a core over runs of ``make bench``), and one kept-alive connection
+per pod.
 """
 
 from __future__ import annotations

@@ -39,8 +39,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 ALLOCATIONS_METRIC = "stunner_allocations_active"
 # A count above zero waits up to this long (at most half a poll interval) for others to
-# go out with it; a zero or a failed read goes out at once (see ReaderLoop.run).
+# go out with it; a zero or a failed read, which the drainer acts on, this long at most
+# (see ReaderLoop.run).
 RESULTS_EVERY_SECONDS = 0.5
+URGENT_RESULTS_EVERY_SECONDS = 0.02
 
 
 @dataclass(frozen=True)
@@ -385,7 +387,7 @@ class ReaderLoop:
         self.deadlines: list[tuple[float, int, MetricsRead]] = []
         self.out: list[list] = []  # results not yet written
         self.out_since = 0.0  # monotonic: when the oldest of them came
-        self.urgent = False  # one of them is a zero or a failed read
+        self.urgent_since: float | None = None  # the oldest zero or failed read among them
         self.hold = min(RESULTS_EVERY_SECONDS, spec.pollIntervalSeconds / 2)
         self.unsent = bytearray()
         self.waiting = False  # for the results pipe to take more
@@ -397,6 +399,8 @@ class ReaderLoop:
             due = [self.deadlines[0][0]] if self.deadlines else []
             if self.out:
                 due.append(self.out_since + self.hold)
+            if self.urgent_since is not None:
+                due.append(self.urgent_since + URGENT_RESULTS_EVERY_SECONDS)
             timeout = max(0.0, min(due) - now) if due else None
             for key, _ in self.selector.select(timeout):
                 if key.data is None:
@@ -408,12 +412,16 @@ class ReaderLoop:
                     self._ready(*key.data, key.fileobj)
             now = time.monotonic()
             self._expire(now)
-            # Counts still above zero go out together: each write wakes the drainer, whose
-            # GIL admission needs, and only a zero or a failed read changes what it does.
-            if self.out and (self.urgent or now >= self.out_since + self.hold):
+            # Results go out together: each write wakes the drainer, whose GIL admission
+            # needs, and only a zero or a failed read changes what it does.
+            urgent = self.urgent_since
+            if self.out and (
+                (urgent is not None and now >= urgent + URGENT_RESULTS_EVERY_SECONDS)
+                or now >= self.out_since + self.hold
+            ):
                 self.unsent += orjson.dumps(self.out) + b"\n"
                 self.out.clear()
-                self.urgent = False
+                self.urgent_since = None
                 self._flush()
 
     def _flush(self) -> None:
@@ -490,7 +498,8 @@ class ReaderLoop:
         result, now = read.result, time.monotonic()
         if not self.out:
             self.out_since = now
-        self.urgent = self.urgent or not result.allocations
+        if not result.allocations and self.urgent_since is None:
+            self.urgent_since = now
         self.out.append([key, result.allocations, result.problem, result.fatal, now])
 
     def _forget_read(self, key: int) -> None:
