@@ -132,6 +132,7 @@ def rss_mib(pid: int) -> float:
 
 
 def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, all its threads."""
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat.rsplit(")", 1)[1].split()
     # utime and stime are fields 14 and 15 of proc(5); fields[0] here is field 3.

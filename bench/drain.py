@@ -32,7 +32,16 @@ from pathlib import Path
 
 import yaml
 
-from bench.common import OUT, REPO, children, gunicorn, hey, rss_mib, write_json
+from bench.common import (
+    OUT,
+    REPO,
+    children,
+    cpu_seconds,
+    gunicorn,
+    hey,
+    rss_mib,
+    write_json,
+)
 from tests.fake_stunnerd import FakeStunnerdFleet
 from tests.standin_apiserver import StandinAPIServer, stunnerd_pod
 
@@ -180,12 +189,6 @@ def per_interval(scrapes: list[float], interval: float) -> int:
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def raise_fd_limit() -> None:
