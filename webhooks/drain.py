@@ -54,7 +54,7 @@ from typing import Any
 from webhooks import names
 from webhooks.kube import Kube, KubeUnavailable, PodWatch, WatchExpired
 from webhooks.metrics import Metrics
-from webhooks.scrape import Reader, Reading, ReadSpec
+from webhooks.scrape import READ_RESULTS, Reader, Reading, ReadSpec
 from webhooks.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -472,10 +472,7 @@ class Drainer:
         self._wake_up: tuple[socket.socket, socket.socket] | None = None
         self._loop_ident: int | None = None
         self._reader = Reader(ReadSpec.of(self.drain_settings))
-        self._scrape_results = {
-            result: metrics.metric_scrapes.labels(result)
-            for result in ("ok", "failed", "unobservable")
-        }
+        self._scrape_results = {r: metrics.metric_scrapes.labels(r) for r in READ_RESULTS}
 
     # ---------------------------------------------------------------- the call
 

@@ -67,6 +67,10 @@ class ReadSpec:
         )
 
 
+# Reading.result: the scrape counter's label for each kind of read.
+READ_OK, READ_FAILED, READ_UNOBSERVABLE = READ_RESULTS = ("ok", "failed", "unobservable")
+
+
 @dataclass(frozen=True)
 class Reading:
     """One read of a pod's metrics: a count, or a problem. A ``fatal`` problem means the
@@ -80,8 +84,8 @@ class Reading:
     def result(self) -> str:
         """Label for the scrape counter."""
         if self.allocations is not None:
-            return "ok"
-        return "unobservable" if self.fatal else "failed"
+            return READ_OK
+        return READ_UNOBSERVABLE if self.fatal else READ_FAILED
 
 
 class MetricAbsent(Exception):
