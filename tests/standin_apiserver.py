@@ -420,6 +420,16 @@ class _Server(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
+def send_json(handler: BaseHTTPRequestHandler, code: int, body: dict) -> None:
+    """Answer ``handler``'s request with ``body`` as JSON (the chart test's stand-in too)."""
+    data = json.dumps(body).encode()
+    handler.send_response(code)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, and chunked watch streams
     disable_nagle_algorithm = True  # headers and body go out at once, no 40 ms ACK wait
@@ -429,14 +439,6 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     # ---------------------------------------------------------------- helpers
-
-    def _send_json(self, code: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def _route(self):
         url = urlsplit(self.path)
@@ -453,24 +455,24 @@ class _Handler(BaseHTTPRequestHandler):
         if not kind:
             standin._count("get", path)
             missing = _status(404, "NotFound", f"the server could not find {path}")
-            return self._send_json(404, missing)
+            return send_json(self, 404, missing)
         if m["name"]:
             standin._count("get", path)
             obj = standin.get(kind, m["namespace"] or "", m["name"])
             if obj is None:
                 plural = RESOURCES[kind][1]
-                return self._send_json(
-                    404, _status(404, "NotFound", f'{plural} "{m["name"]}" not found')
+                return send_json(
+                    self, 404, _status(404, "NotFound", f'{plural} "{m["name"]}" not found')
                 )
-            return self._send_json(200, obj)
+            return send_json(self, 200, obj)
         watching = query.get("watch") in ("true", "1")
         standin._count("watch" if watching else "list", path)
         try:
             selector = parse_selector(query.get("labelSelector", ""))
         except ValueError as err:
-            return self._send_json(400, _status(400, "BadRequest", str(err)))
+            return send_json(self, 400, _status(400, "BadRequest", str(err)))
         if not watching:
-            return self._send_json(200, standin._list(kind, m["namespace"], selector))
+            return send_json(self, 200, standin._list(kind, m["namespace"], selector))
         return self._watch(kind, m["namespace"], selector, query)
 
     def do_POST(self) -> None:
@@ -480,16 +482,16 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length)
         if kind != "Event" or m["name"] or not m["namespace"]:
-            return self._send_json(405, _status(405, "MethodNotAllowed", f"cannot POST {path}"))
+            return send_json(self, 405, _status(405, "MethodNotAllowed", f"cannot POST {path}"))
         try:
             body = json.loads(raw)
         except ValueError:
-            return self._send_json(400, _status(400, "BadRequest", "body is not JSON"))
-        self._send_json(*standin._create_event(m["namespace"], body))
+            return send_json(self, 400, _status(400, "BadRequest", "body is not JSON"))
+        send_json(self, *standin._create_event(m["namespace"], body))
 
     def _refuse(self) -> None:
         self.server.standin._count(self.command.lower(), self._route()[0])
-        self._send_json(405, _status(405, "MethodNotAllowed", f"{self.command} not served"))
+        send_json(self, 405, _status(405, "MethodNotAllowed", f"{self.command} not served"))
 
     do_PUT = do_PATCH = do_DELETE = _refuse
 
@@ -509,7 +511,7 @@ class _Handler(BaseHTTPRequestHandler):
             cursor = int(rv)
             timeout = float(query.get("timeoutSeconds") or DEFAULT_WATCH_SECONDS)
         except ValueError:
-            return self._send_json(400, _status(400, "BadRequest", "bad resourceVersion"))
+            return send_json(self, 400, _status(400, "BadRequest", "bad resourceVersion"))
         deadline = time.monotonic() + timeout
         with standin._cond:
             generation = standin._watch_generation

@@ -45,6 +45,7 @@ from cryptography.hazmat.primitives import serialization
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.standin_apiserver import send_json
 from webhooks import admission, certs, stunnerd
 from webhooks.service import Service
 from webhooks.settings import DrainSettings, Policy, from_env, load_policy_document
@@ -780,23 +781,16 @@ class _StandInAPIServer(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
 
-    def _send(self, code: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
     def do_GET(self) -> None:
         path = self.path.split("?")[0]
         self.requests.append(path)
         if path == "/version":
-            return self._send(200, {"major": "1", "minor": "36", "gitVersion": "v1.36.0"})
+            return send_json(self, 200, {"major": "1", "minor": "36", "gitVersion": "v1.36.0"})
         if path == "/api":
-            return self._send(200, {"kind": "APIVersions", "versions": ["v1"]})
+            return send_json(self, 200, {"kind": "APIVersions", "versions": ["v1"]})
         if path == "/apis":
-            return self._send(
+            return send_json(
+                self,
                 200,
                 {
                     "kind": "APIGroupList",
@@ -813,7 +807,8 @@ class _StandInAPIServer(BaseHTTPRequestHandler):
             )
         gv = path.removeprefix("/api/").removeprefix("/apis/")
         if gv in self.GROUPS:
-            return self._send(
+            return send_json(
+                self,
                 200,
                 {
                     "kind": "APIResourceList",
@@ -831,8 +826,9 @@ class _StandInAPIServer(BaseHTTPRequestHandler):
                 },
             )
         if path in self.objects:
-            return self._send(200, self.objects[path])
-        return self._send(
+            return send_json(self, 200, self.objects[path])
+        return send_json(
+            self,
             404,
             {
                 "kind": "Status",
@@ -845,7 +841,7 @@ class _StandInAPIServer(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self.requests.append(f"{self.command} {self.path}")
-        self._send(405, {"kind": "Status", "code": 405})
+        send_json(self, 405, {"kind": "Status", "code": 405})
 
     do_PUT = do_PATCH = do_DELETE = do_POST
 
