@@ -238,7 +238,10 @@ def test_health_readiness_and_metrics(client, pod_review):
 
 
 def test_unknown_paths_and_methods_get_plain_answers(client):
-    assert client.get("/mutate").status_code == 405
+    response = client.get("/mutate")
+    assert response.status_code == 405
+    # The method is refused at routing, before any view: the app-wide handler answers.
+    assert response.get_data(as_text=True) == "GET is not allowed on /mutate\n"
     response = client.get("/nope")
     assert response.status_code == 404 and "no endpoint at /nope" in response.get_data(as_text=True)
 

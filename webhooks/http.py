@@ -110,7 +110,7 @@ def metrics() -> Response:
     return Response(generate_latest(_service().metrics.registry), mimetype=CONTENT_TYPE_LATEST)
 
 
-@blueprint.errorhandler(405)
+@blueprint.app_errorhandler(405)
 def method_not_allowed(err) -> Response:
     return _plain(405, f"{request.method} is not allowed on {request.path}")
 
