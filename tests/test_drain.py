@@ -5,6 +5,7 @@ Small poll intervals and margins keep each case well under two seconds."""
 from __future__ import annotations
 
 import datetime
+import os
 import selectors
 import signal
 import socket
@@ -13,6 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
+import orjson
 import pytest
 from prometheus_client import generate_latest
 
@@ -20,10 +22,12 @@ from app import create_app
 from tests.conftest import FIXTURES
 from tests.fake_stunnerd import OTEL_LABELS, FakeStunnerdFleet, Target
 from tests.standin_apiserver import StandinAPIServer, stunnerd_pod
+from webhooks import scrape
 from webhooks.drain import DRAINED, Drainer, DrainPod
 from webhooks.kube import Kube
 from webhooks.metrics import Metrics
 from webhooks.scrape import (
+    RESULTS_BATCH_MAX,
     MetricAbsent,
     Reader,
     ReadSpec,
@@ -207,6 +211,19 @@ def test_a_valid_page_without_the_gauge_is_metric_absent(fixture):
 def test_a_page_that_is_not_a_count_is_garbage(page):
     with pytest.raises(ValueError):
         allocations_from_text(page)
+
+
+def test_each_short_family_text_is_parsed_once_and_a_long_one_is_not_kept():
+    cache = scrape._cached_family_sum
+    page = 'stunner_allocations_active{listener="cache-test"} 41\n'
+    kept = cache.cache_info()
+    assert allocations_from_text(page) == allocations_from_text(page) == 41
+    assert cache.cache_info().currsize == kept.currsize + 1
+    assert cache.cache_info().hits == kept.hits + 1
+    # A hostile label of 64 KiB is parsed each time, never kept: the cache stays small.
+    long_page = f'stunner_allocations_active{{listener="{"x" * 65536}"}} 5\n'
+    assert allocations_from_text(long_page) == 5
+    assert cache.cache_info().currsize == kept.currsize + 1
 
 
 @pytest.mark.parametrize(
@@ -490,6 +507,28 @@ def test_batches_larger_than_a_pipe_never_deadlock_the_reader(cluster):
                 got += reader.receive() or []
         assert sorted(key for key, *_ in got) == list(range(count))
         assert all(fatal and "connection refused" in problem for _, _, problem, fatal, _ in got)
+    finally:
+        assert reader.stop() == 0
+
+
+def test_results_reach_the_drainer_in_batches_of_bounded_size(cluster):
+    """The drainer takes a batch in one go under the worker's GIL: however many reads end
+    together, no line carries more than RESULTS_BATCH_MAX results."""
+    pod = cluster.pod("udp-gateway-a", allocations=2)  # counts above 0: the batched kind
+    reader = Reader(ReadSpec.of(replace(FAST, metricsPort=cluster.port)))
+    results = reader.start()
+    count = 4 * RESULTS_BATCH_MAX + 10
+    try:
+        assert reader.send([[key, pod.target.ip] for key in range(count)])
+        raw = b""
+        with selectors.DefaultSelector() as selector:
+            selector.register(results, selectors.EVENT_READ)
+            while raw.count(b"\n") < 5 and selector.select(5):
+                raw += os.read(results, 1 << 20)
+        batches = [orjson.loads(line) for line in raw.splitlines()]
+        assert sorted(key for batch in batches for key, *_ in batch) == list(range(count))
+        assert max(len(batch) for batch in batches) <= RESULTS_BATCH_MAX
+        assert all(allocations == 2 for batch in batches for _, allocations, *_ in batch)
     finally:
         assert reader.stop() == 0
 
