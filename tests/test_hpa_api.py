@@ -108,3 +108,21 @@ def test_no_kubeconfig_and_no_cluster_means_no_api(tmp_path, monkeypatch):
     monkeypatch.delenv("KUBECONFIG", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     assert kube_module.connect() is None
+
+
+def test_the_environments_proxy_is_resolved_once_not_per_request(api, tmp_path, monkeypatch):
+    """The config loaders assign the host again before every request, and the client then
+    walks the whole environment for proxy variables: seven per Service in a pod's
+    namespace, a millisecond a request at fifty Services. The guard resolves it once."""
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy-at-start.example:3128")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # the stand-in is reached directly
+    monkeypatch.setenv("KUBECONFIG", str(api.write_kubeconfig(tmp_path / "kubeconfig")))
+    kube = kube_module.connect(timeout=1.0)
+    try:
+        monkeypatch.setenv("HTTP_PROXY", "http://proxy-set-later.example:3128")
+        assert kube.read_deployment("media", "udp-gateway") is not None
+        assert kube.api.configuration.proxy == "http://proxy-at-start.example:3128"
+    finally:
+        kube.close()

@@ -50,6 +50,12 @@ class Kube:
     def __init__(self, configuration: client.Configuration, timeout: float = 2.0) -> None:
         # One quick retry at most: admission runs inside the apiserver's own webhook timeout.
         configuration.retries = 1
+        # The config loaders' token refresh hook assigns ``host`` again before every
+        # request, and the client (v37) then resolves the proxy from the environment anew:
+        # a walk over every environment variable, and a pod has seven per Service in its
+        # namespace. Measured per event: 0.8 ms with 37 variables, 1.8 ms with 387. Pinning
+        # the proxy resolved at load time (what Go's ProxyFromEnvironment caches) ends it.
+        configuration.proxy = configuration.proxy
         self.api = client.ApiClient(configuration)
         self.timeout = timeout
 
