@@ -27,6 +27,7 @@ from webhooks.drain import DRAINED, Drainer, DrainPod
 from webhooks.kube import Kube
 from webhooks.metrics import Metrics
 from webhooks.scrape import (
+    READER_NICENESS,
     RESULTS_BATCH_MAX,
     MetricAbsent,
     Reader,
@@ -469,6 +470,9 @@ def test_the_reader_process_reads_keeps_and_forgets_connections(cluster):
 
         assert reader.send([[1, first.target.ip], [2, second.target.ip]])
         (one, two) = answers(2)
+        # It yields the CPU to the worker (admission) when both want it.
+        niceness = os.getpriority(os.PRIO_PROCESS, reader.process.pid)
+        assert niceness == min(19, os.getpriority(os.PRIO_PROCESS, 0) + READER_NICENESS)
         assert one == [1, 4, "", False]
         assert two[0] == 2 and two[1] is None and two[3] is True
         assert "connection refused" in two[2]

@@ -27,8 +27,8 @@ waiter per pod however many duplicate calls arrive, at most one metrics read per
 poll interval, and one drain loop thread that schedules every read. The reads themselves
 run in a child process (webhooks/scrape.py), off the GIL that admission needs; it passes
 zeros and failed reads on within 20 ms and other counts in batches of at most 64 within
-0.1 s. A thousand held drains cost a thousand idle request threads, about a sixth of a core
-in the reader (at a lower CPU priority than the worker), 3% of a core here (the drain loop,
+0.1 s. A thousand held drains cost a thousand idle request threads, a tenth of a core in
+the reader (at a lower CPU priority than the worker), 3% of a core here (the drain loop,
 measured with no admission load), and one kept-alive connection per pod.
 """
 

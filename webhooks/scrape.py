@@ -44,7 +44,7 @@ ALLOCATIONS_METRIC = "stunner_allocations_active"
 # and a batch goes out once it is this many results, whatever their age (see
 # ReaderLoop.run). The drainer takes a batch in one go under the worker's GIL, about 15 us
 # a result: a bounded batch keeps that to a millisecond an admission request may wait
-# behind (500 at once, as a 0.5 s hold made them at 1,000 pods, were 7 ms of it).
+# behind (500 at once, as a 0.5 s hold made them at 1,000 pods, were about 7 ms).
 RESULTS_EVERY_SECONDS = 0.1
 URGENT_RESULTS_EVERY_SECONDS = 0.02
 RESULTS_BATCH_MAX = 64
@@ -139,7 +139,7 @@ def _family_sum(text: str) -> float | None:
 
 # The same few lines come back read after read (a pod's count changes now and then, pods
 # of one Dataplane carry the same labels): each distinct text is parsed once (the parse was
-# a third of the reader's CPU). Only short texts are kept, so the cache stays under 8 MiB.
+# a third of the reader's CPU). Only short texts are kept: the cache holds 8 MiB at most.
 _cached_family_sum = functools.lru_cache(maxsize=2048)(_family_sum)
 _CACHED_TEXT_MAX = 4096
 
