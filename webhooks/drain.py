@@ -97,9 +97,9 @@ HEALTHY_WATCH_SECONDS = 10.0
 # one select() collects) many pods' reads instead of one: a thousand pods cost fewer loop
 # passes. It delays a read by this much at most.
 READ_SLOT_SECONDS = 0.02
-# The reader ends a read at drain.scrapeTimeoutSeconds (and its result may wait half a
-# second to go out with others); one not answered this much later is stuck (or still
-# starting), and the read counts as failed.
+# The reader ends a read at drain.scrapeTimeoutSeconds (and its result may wait up to
+# scrape.RESULTS_EVERY_SECONDS to go out with others); one not answered this much later is
+# stuck (or still starting), and the read counts as failed.
 READER_SLACK_SECONDS = 2.0
 
 # Events are best-effort and sent from their own thread, at most EVENTS_PER_SECOND after a

@@ -388,6 +388,23 @@ def read_allocations(ip: str, drain: ReadSpec) -> Reading:
 # --------------------------------------------------------------------------- the reader
 
 
+def _batch(items: list[list]) -> bytes:
+    """One batch as the protocol frames it, either way: a JSON list on a line."""
+    return orjson.dumps(items) + b"\n"
+
+
+class _Batches:
+    """The receiving end of either pipe: what arrives, in pieces, back into batches."""
+
+    def __init__(self) -> None:
+        self.partial = b""  # a line not yet whole
+
+    def feed(self, data: bytes) -> list[list]:
+        """The items of every batch that ``data`` completes, in order."""
+        *lines, self.partial = (self.partial + data).split(b"\n")
+        return [item for line in lines for item in orjson.loads(line)]
+
+
 class ReaderLoop:
     """The reader process: commands in on ``commands`` (a pipe), results out on
     ``results``, every read non-blocking in one selector.
@@ -403,7 +420,7 @@ class ReaderLoop:
         os.set_blocking(results, False)
         self.selector = selectors.DefaultSelector()
         self.selector.register(commands, selectors.EVENT_READ, None)
-        self.pending = b""
+        self.incoming = _Batches()
         self.reads: dict[int, MetricsRead] = {}
         self.kept: dict[int, socket.socket] = {}
         self.deadlines: list[tuple[float, int, MetricsRead]] = []
@@ -445,7 +462,7 @@ class ReaderLoop:
 
     def _send_out(self) -> None:
         """The results gathered so far go out as one batch."""
-        self.unsent += orjson.dumps(self.out) + b"\n"
+        self.unsent += _batch(self.out)
         self.out.clear()
         self.urgent_since = None
         self._flush()
@@ -464,13 +481,11 @@ class ReaderLoop:
         data = os.read(self.commands, 1 << 16)
         if not data:
             return False
-        *lines, self.pending = (self.pending + data).split(b"\n")
-        for line in lines:
-            for key, ip in orjson.loads(line):
-                if ip is None:
-                    self._forget(key)
-                else:
-                    self._begin(key, ip)
+        for key, ip in self.incoming.feed(data):
+            if ip is None:
+                self._forget(key)
+            else:
+                self._begin(key, ip)
         return True
 
     def _begin(self, key: int, ip: str) -> None:
@@ -560,7 +575,7 @@ class Reader:
         self.spec = spec
         self.python = python
         self.process: subprocess.Popen | None = None
-        self.pending = b""
+        self.incoming = _Batches()
 
     @property
     def running(self) -> bool:
@@ -578,14 +593,14 @@ class Reader:
             bufsize=0,
             env=env,
         )
-        self.pending = b""
+        self.incoming = _Batches()
         os.set_blocking(self.process.stdout.fileno(), False)
         return self.process.stdout.fileno()
 
     def send(self, commands: list[list]) -> bool:
         """False when the process is gone."""
         try:
-            _write_all(self.process.stdin.fileno(), orjson.dumps(commands) + b"\n")
+            _write_all(self.process.stdin.fileno(), _batch(commands))
         except OSError:  # BrokenPipeError: it exited
             return False
         return True
@@ -598,8 +613,7 @@ class Reader:
             return []
         if not data:
             return None
-        *lines, self.pending = (self.pending + data).split(b"\n")
-        return [result for line in lines for result in orjson.loads(line)]
+        return self.incoming.feed(data)
 
     def stop(self) -> int | None:
         """End the process (closing its stdin ends it); its exit code."""
