@@ -55,6 +55,15 @@ def tls_context() -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(CERTS / "ca.crt"))
 
 
+def children(pid: int) -> list[int]:
+    """The process's child processes (gunicorn's workers, a worker's metrics reader)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
 @dataclass
 class Server:
     name: str
@@ -69,18 +78,7 @@ class Server:
 
     def worker_pids(self) -> list[int]:
         """gunicorn's workers: the children of the master process."""
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            # pid (comm) state ppid ...: comm may contain spaces, so split after ')'.
-            if int(stat.rsplit(")", 1)[1].split()[1]) == self.process.pid:
-                pids.append(int(entry.name))
-        return sorted(pids)
+        return sorted(children(self.process.pid))
 
     def worker_rss_mib(self) -> list[float]:
         return [rss_mib(pid) for pid in self.worker_pids()]
@@ -106,15 +104,6 @@ class Server:
             return response.status, response.read()
         finally:
             conn.close()
-
-
-def children(pid: int) -> list[int]:
-    """The process's child processes (the drainer's metrics reader, for a worker)."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):
-            found += [int(c) for c in (task / "children").read_text().split()]
-    return found
 
 
 def proc_status(pid: int, key: str) -> str:
