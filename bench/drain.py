@@ -318,8 +318,7 @@ def run() -> dict:
                 # Events go out from their own thread, rate-limited: let them finish.
                 api.wait_until(lambda: api.count("create") >= 2 * DRAINS, timeout=60)
                 after = api.requests()
-                idles = [idle, admission_load(server.url, POD_REVIEW)]
-                idles.append(admission_load(server.url, POD_REVIEW))
+                idles = [idle] + [admission_load(server.url, POD_REVIEW) for _ in range(2)]
                 # The same thousand pods held again: two more held windows, then the worst
                 # case, all at 0 at once, and the last idle window.
                 fleet.send("reset")
