@@ -451,90 +451,87 @@ def test_a_kept_connection_the_pod_closed_is_replaced_without_a_failed_read(clus
     assert registry.get_sample_value("stunner_guard_drain_scrapes_total", {"result": "ok"}) >= 4
 
 
-def test_the_reader_process_reads_keeps_and_forgets_connections(cluster):
+@pytest.fixture
+def reader(cluster):
+    """A running ``python -m webhooks.scrape`` reading the cluster's fake pods."""
+    reader = Reader(ReadSpec.of(replace(FAST, metricsPort=cluster.port)))
+    reader.start()
+    yield reader
+    assert reader.stop() == 0  # closing its stdin ends it cleanly
+
+
+def received(reader: Reader, count: int) -> list[list]:
+    """The reader's results, until ``count`` came or none came for 5 s."""
+    got: list[list] = []
+    with selectors.DefaultSelector() as selector:
+        selector.register(reader.process.stdout, selectors.EVENT_READ)
+        while len(got) < count and selector.select(5):
+            got += reader.receive() or []
+    return got
+
+
+def test_the_reader_process_reads_keeps_and_forgets_connections(cluster, reader):
     """The drainer's reads run in ``python -m webhooks.scrape``: its protocol, end to end."""
     first = cluster.pod("udp-gateway-a", allocations=4)
     second = cluster.pod("udp-gateway-b")
     cluster.fleet.refuse(second.target)
-    reader = Reader(ReadSpec.of(replace(FAST, metricsPort=cluster.port)))
-    results = reader.start()
-    try:
 
-        def answers(count: int) -> list[list]:
-            got: list[list] = []
-            with selectors.DefaultSelector() as selector:
-                selector.register(results, selectors.EVENT_READ)
-                while len(got) < count and selector.select(5):
-                    got += reader.receive() or []
-            return sorted(result[:4] for result in got)  # without when each read ended
+    def answers(count: int) -> list[list]:
+        # Without when each read ended.
+        return sorted(result[:4] for result in received(reader, count))
 
-        assert reader.send([[1, first.target.ip], [2, second.target.ip]])
-        (one, two) = answers(2)
-        # It yields the CPU to the worker (admission) when both want it.
-        niceness = os.getpriority(os.PRIO_PROCESS, reader.process.pid)
-        assert niceness == min(19, os.getpriority(os.PRIO_PROCESS, 0) + READER_NICENESS)
-        assert one == [1, 4, "", False]
-        assert two[0] == 2 and two[1] is None and two[3] is True
-        assert "connection refused" in two[2]
-        first.target.allocations = 0
-        assert reader.send([[1, first.target.ip]])
-        assert answers(1) == [[1, 0, "", False]]
-        assert first.target.connections == 1  # the second read reused the connection
-        assert reader.send([[1, None]])  # forget: the reader closes it
-        assert cluster.api.wait_until(lambda: cluster.fleet.open_connections(first.target) == 0)
-    finally:
-        assert reader.stop() == 0  # closing its stdin ends it cleanly
+    assert reader.send([[1, first.target.ip], [2, second.target.ip]])
+    (one, two) = answers(2)
+    # It yields the CPU to the worker (admission) when both want it.
+    niceness = os.getpriority(os.PRIO_PROCESS, reader.process.pid)
+    assert niceness == min(19, os.getpriority(os.PRIO_PROCESS, 0) + READER_NICENESS)
+    assert one == [1, 4, "", False]
+    assert two[0] == 2 and two[1] is None and two[3] is True
+    assert "connection refused" in two[2]
+    first.target.allocations = 0
+    assert reader.send([[1, first.target.ip]])
+    assert answers(1) == [[1, 0, "", False]]
+    assert first.target.connections == 1  # the second read reused the connection
+    assert reader.send([[1, None]])  # forget: the reader closes it
+    assert cluster.api.wait_until(lambda: cluster.fleet.open_connections(first.target) == 0)
 
 
-def test_batches_larger_than_a_pipe_never_deadlock_the_reader(cluster):
+def test_batches_larger_than_a_pipe_never_deadlock_the_reader(cluster, reader):
     """The drainer writes a batch while it does not read results: were the reader to block
     writing results into a full pipe meanwhile, neither would ever go on."""
     pod = cluster.pod("udp-gateway-a")
     cluster.fleet.refuse(pod.target)  # every read fails at once, with a long message
-    reader = Reader(ReadSpec.of(replace(FAST, metricsPort=cluster.port)))
-    results = reader.start()
     count = 12000  # per batch ~100 KiB of commands, ~700 KiB of results: beyond a pipe
     batches = [[[key, pod.target.ip] for key in range(n, n + count // 2)] for n in (0, count // 2)]
-    try:
-        # The second batch goes while the first one's results fill the pipe back.
-        sent: list[bool] = []
-        sender = threading.Thread(
-            target=lambda: sent.append(all(reader.send(batch) for batch in batches)), daemon=True
-        )
-        sender.start()
-        sender.join(20)
-        assert sent == [True], "deadlocked: the reader stopped reading while writing"
-        got: list[list] = []
-        with selectors.DefaultSelector() as selector:
-            selector.register(results, selectors.EVENT_READ)
-            while len(got) < count and selector.select(5):
-                got += reader.receive() or []
-        assert sorted(key for key, *_ in got) == list(range(count))
-        assert all(fatal and "connection refused" in problem for _, _, problem, fatal, _ in got)
-    finally:
-        assert reader.stop() == 0
+    # The second batch goes while the first one's results fill the pipe back.
+    sent: list[bool] = []
+    sender = threading.Thread(
+        target=lambda: sent.append(all(reader.send(batch) for batch in batches)), daemon=True
+    )
+    sender.start()
+    sender.join(20)
+    assert sent == [True], "deadlocked: the reader stopped reading while writing"
+    got = received(reader, count)
+    assert sorted(key for key, *_ in got) == list(range(count))
+    assert all(fatal and "connection refused" in problem for _, _, problem, fatal, _ in got)
 
 
-def test_results_reach_the_drainer_in_batches_of_bounded_size(cluster):
+def test_results_reach_the_drainer_in_batches_of_bounded_size(cluster, reader):
     """The drainer takes a batch in one go under the worker's GIL: however many reads end
     together, no line carries more than RESULTS_BATCH_MAX results."""
     pod = cluster.pod("udp-gateway-a", allocations=2)  # counts above 0: the batched kind
-    reader = Reader(ReadSpec.of(replace(FAST, metricsPort=cluster.port)))
-    results = reader.start()
     count = 4 * RESULTS_BATCH_MAX + 10
-    try:
-        assert reader.send([[key, pod.target.ip] for key in range(count)])
-        raw = b""
-        with selectors.DefaultSelector() as selector:
-            selector.register(results, selectors.EVENT_READ)
-            while raw.count(b"\n") < 5 and selector.select(5):
-                raw += os.read(results, 1 << 20)
-        batches = [orjson.loads(line) for line in raw.splitlines()]
-        assert sorted(key for batch in batches for key, *_ in batch) == list(range(count))
-        assert max(len(batch) for batch in batches) <= RESULTS_BATCH_MAX
-        assert all(allocations == 2 for batch in batches for _, allocations, *_ in batch)
-    finally:
-        assert reader.stop() == 0
+    assert reader.send([[key, pod.target.ip] for key in range(count)])
+    # The pipe's raw lines, not reader.receive(), which joins the batches.
+    results, raw = reader.process.stdout.fileno(), b""
+    with selectors.DefaultSelector() as selector:
+        selector.register(results, selectors.EVENT_READ)
+        while raw.count(b"\n") < 5 and selector.select(5):
+            raw += os.read(results, 1 << 20)
+    batches = [orjson.loads(line) for line in raw.splitlines()]
+    assert sorted(key for batch in batches for key, *_ in batch) == list(range(count))
+    assert max(len(batch) for batch in batches) <= RESULTS_BATCH_MAX
+    assert all(allocations == 2 for batch in batches for _, allocations, *_ in batch)
 
 
 def test_a_reader_that_dies_is_replaced_and_the_drain_goes_on(cluster, calls):
