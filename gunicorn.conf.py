@@ -10,7 +10,7 @@ Sizing: every held drain occupies one gthread thread (WSGI is blocking) for as l
 is held, so the pool is the drain cap (policy ``drain.maxConcurrent``, which answers calls
 beyond it with 503 at once) plus threads that only admission and probes can use. A held
 drain costs an idle thread (~tens of KiB resident) and nothing else: the metric reads all
-run in the drainer's reader process (webhooks/scrape.py), the worker's child. `make bench`
+run in the drainer's reader process (webhooks/lifecycle/scrape.py), the worker's child. `make bench`
 (bench/drain.py) measures 1,000 held drains: resident memory and admission latency with
 and without them.
 """

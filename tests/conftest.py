@@ -11,7 +11,7 @@ import yaml
 
 from app import create_app
 from webhooks import certs
-from webhooks.outcome import Context
+from webhooks.admission.outcome import Context
 from webhooks.settings import Policy, Settings
 
 # Copied from ../shared/fixtures (real material, origin in each file name).

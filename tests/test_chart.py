@@ -10,7 +10,7 @@ strict subset schemas in CRD_SCHEMAS instead.
 Where the chart must agree with the service, the test asks the service's own code: the
 policy ConfigMap is loaded with webhooks.settings.load_policy_document, the Deployment's
 environment goes through webhooks.settings.from_env, the webhook rules are compared with
-webhooks.admission.HANDLERS and the matchConditions CEL with webhooks.stunnerd.is_stunnerd.
+webhooks.admission.dispatch.HANDLERS and the matchConditions CEL with webhooks.admission.stunnerd.is_stunnerd.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.standin_apiserver import send_json
-from webhooks import admission, certs, stunnerd
+from webhooks import certs
+from webhooks.admission import dispatch, stunnerd
 from webhooks.service import Service
 from webhooks.settings import DrainSettings, Policy, from_env, load_policy_document
 
@@ -512,7 +513,7 @@ def _rule_rows(rendered: Rendered, kind: str) -> set[tuple]:
 def _handled_rows(*, mutating: bool) -> set[tuple]:
     return {
         (group, version, _PLURAL[kind], operation, _SCOPE.get(kind, "Namespaced"))
-        for (group, kind), (versions, operations, _) in admission.HANDLERS.items()
+        for (group, kind), (versions, operations, _) in dispatch.HANDLERS.items()
         # HPAs are validated, never mutated (DESIGN.md "Where to act").
         if not (mutating and kind == "HorizontalPodAutoscaler")
         for version in versions

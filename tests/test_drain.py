@@ -22,11 +22,10 @@ from app import create_app
 from tests.conftest import FIXTURES
 from tests.fake_stunnerd import OTEL_LABELS, FakeStunnerdFleet, Target
 from tests.standin_apiserver import StandinAPIServer, stunnerd_pod
-from webhooks import scrape
-from webhooks.drain import DRAINED, Drainer, DrainPod
 from webhooks.kube import Kube
-from webhooks.metrics import Metrics
-from webhooks.scrape import (
+from webhooks.lifecycle import scrape
+from webhooks.lifecycle.drain import DRAINED, Drainer, DrainPod
+from webhooks.lifecycle.scrape import (
     READER_NICENESS,
     RESULTS_BATCH_MAX,
     MetricAbsent,
@@ -35,6 +34,7 @@ from webhooks.scrape import (
     allocations_from_text,
     read_allocations,
 )
+from webhooks.metrics import Metrics
 from webhooks.settings import DrainSettings, PolicyError, Settings, load_policy_document
 
 NS = "media"
@@ -453,7 +453,7 @@ def test_a_kept_connection_the_pod_closed_is_replaced_without_a_failed_read(clus
 
 @pytest.fixture
 def reader(cluster):
-    """A running ``python -m webhooks.scrape`` reading the cluster's fake pods."""
+    """A running ``python -m webhooks.lifecycle.scrape`` reading the cluster's fake pods."""
     reader = Reader(ReadSpec.of(replace(FAST, metricsPort=cluster.port)))
     reader.start()
     yield reader
@@ -471,7 +471,7 @@ def received(reader: Reader, count: int) -> list[list]:
 
 
 def test_the_reader_process_reads_keeps_and_forgets_connections(cluster, reader):
-    """The drainer's reads run in ``python -m webhooks.scrape``: its protocol, end to end."""
+    """The drainer's reads run in ``python -m webhooks.lifecycle.scrape``: its protocol, end to end."""
     first = cluster.pod("udp-gateway-a", allocations=4)
     second = cluster.pod("udp-gateway-b")
     cluster.fleet.refuse(second.target)

@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 
 from app import create_app
 from tests.conftest import ADMISSION, DRAIN_HOST, load_json
+from webhooks.admission.review import API_VERSION, KIND, MAX_WARNING_CHARS
 from webhooks.names import CHANGES_ANNOTATION, DRAIN_TOKEN_LABEL, OPERATOR_OWNED_LABEL
-from webhooks.review import API_VERSION, KIND, MAX_WARNING_CHARS
 from webhooks.settings import Settings
 
 LIMIT = Settings().maxBodyBytes
@@ -79,7 +79,7 @@ def _text(value: Any) -> bool:
 
 
 def contract_status(body: bytes, limit: int = LIMIT) -> set[int]:
-    """The HTTP statuses the error table in webhooks/review.py allows for ``body``."""
+    """The HTTP statuses the error table in webhooks/admission/review.py allows for ``body``."""
     if len(body) > limit:
         return {413}
     try:

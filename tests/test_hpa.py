@@ -11,8 +11,8 @@ import copy
 import pytest
 
 from tests.conftest import context, stunnerd_pod, with_rules
+from webhooks.admission.rules import hpa
 from webhooks.kube import KubeUnavailable
-from webhooks.rules import hpa
 from webhooks.settings import RequestsPresent, Rule
 
 

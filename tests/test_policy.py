@@ -12,9 +12,9 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from tests.conftest import DRAIN_HOST, STUNNER, context, load_yaml_docs, stunnerd_pod, with_rules
-from webhooks import admission
+from webhooks.admission import dispatch
+from webhooks.admission.quantities import quantity
 from webhooks.names import CHANGES_ANNOTATION, DRAIN_ANNOTATION, DRAIN_TOKEN_LABEL
-from webhooks.quantities import quantity
 from webhooks.settings import (
     GracePeriod,
     LimitsPresent,
@@ -36,11 +36,11 @@ def run(
 ):
     """(verdict, object after the verdict's patch) through the same path as the webhook."""
     group, _, version = obj["apiVersion"].rpartition("/")
-    handler = admission.handler_for(group, version, obj["kind"], operation)
+    handler = dispatch.handler_for(group, version, obj["kind"], operation)
     assert handler is not None, f"no handler for {obj['kind']}"
     ctx = context(settings, webhook, kube, api_version=obj["apiVersion"])
     pristine = copy.deepcopy(obj)
-    verdict = admission.verdict(obj, handler(obj, ctx), ctx)
+    verdict = dispatch.verdict(obj, handler(obj, ctx), ctx)
     # Rules edit a copy: the request's object is what the patch is computed against.
     assert obj == pristine, "a rule modified the request's object"
     return verdict, jsonpatch.apply_patch(obj, verdict.patch) if verdict.patch else obj
@@ -387,7 +387,7 @@ IDEMPOTENCY_OBJECTS = [
     for path in sorted(STUNNER.glob("*.yaml"))
     if not path.name.startswith(("crd_", "helm_"))
     for doc in load_yaml_docs(path)
-    if admission.handler_for(
+    if dispatch.handler_for(
         doc["apiVersion"].rpartition("/")[0],
         doc["apiVersion"].rpartition("/")[2],
         doc["kind"],
@@ -539,7 +539,7 @@ def test_non_stunnerd_pods_are_untouched():
     ],
 )
 def test_stunnerd_container_detection(fields, expected):
-    from webhooks.stunnerd import is_stunnerd
+    from webhooks.admission.stunnerd import is_stunnerd
 
     assert is_stunnerd(container(stunnerd_pod(**fields))) is expected
 

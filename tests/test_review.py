@@ -10,8 +10,8 @@ import jsonpatch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from webhooks import review
-from webhooks.rules.common import copy_tree
+from webhooks.admission import review
+from webhooks.admission.rules.common import copy_tree
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.text("ab/~", max_size=3))
 keys = st.text("ab/~.", min_size=0, max_size=3)

@@ -23,7 +23,7 @@ from typing import TextIO
 import jsonpatch
 import yaml
 
-from webhooks import admission, review
+from webhooks.admission import dispatch, review
 from webhooks.service import Service
 from webhooks.settings import PolicyError, from_env, load_policy_file
 
@@ -79,11 +79,11 @@ def _request(obj: dict, webhook_object: dict) -> review.Request:
 
 def check_object(obj: dict, service: Service) -> tuple[review.Verdict, dict, list[str]]:
     """(final verdict, mutated object, all warnings) for one manifest."""
-    mutation = admission.decide(_request(obj, obj), admission.MUTATE, service)
+    mutation = dispatch.decide(_request(obj, obj), dispatch.MUTATE, service)
     if not mutation.allowed:
         return mutation, obj, list(mutation.warnings)
     mutated = jsonpatch.apply_patch(obj, mutation.patch) if mutation.patch else obj
-    validation = admission.decide(_request(obj, mutated), admission.VALIDATE, service)
+    validation = dispatch.decide(_request(obj, mutated), dispatch.VALIDATE, service)
     final = replace(validation, patch=mutation.patch)
     return final, mutated, list(mutation.warnings) + list(validation.warnings)
 

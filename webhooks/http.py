@@ -8,7 +8,7 @@ import orjson
 from flask import Blueprint, Response, current_app, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from webhooks import admission, review
+from webhooks.admission import dispatch, review
 from webhooks.service import Service
 
 blueprint = Blueprint("stunner_guard", __name__)
@@ -47,8 +47,8 @@ def _admit(webhook: str) -> Response:
     except review.BadReview as err:
         service.metrics.bad_requests.labels(webhook, str(err.status)).inc()
         return _plain(err.status, err.reason)
-    verdict = admission.decide(req, webhook, service)
-    answer = review.encode(req.uid, verdict, mutating=webhook == admission.MUTATE)
+    verdict = dispatch.decide(req, webhook, service)
+    answer = review.encode(req.uid, verdict, mutating=webhook == dispatch.MUTATE)
     service.metrics.admission_requests.labels(
         webhook, req.kind, req.operation or "-", verdict.label
     ).inc()
@@ -74,12 +74,12 @@ def _read_body(limit: int) -> bytes:
 
 @blueprint.post("/mutate")
 def mutate() -> Response:
-    return _admit(admission.MUTATE)
+    return _admit(dispatch.MUTATE)
 
 
 @blueprint.post("/validate")
 def validate() -> Response:
-    return _admit(admission.VALIDATE)
+    return _admit(dispatch.VALIDATE)
 
 
 @blueprint.get("/drain/<namespace>/<token>")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from webhooks.drain import Drainer
 from webhooks.kube import Kube
+from webhooks.lifecycle.drain import Drainer
 from webhooks.metrics import Metrics
 from webhooks.settings import Settings
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from webhooks.quantities import quantity
+from webhooks.admission.quantities import quantity
 
 MODES = ("enforce", "warn", "off")
 ENFORCE, WARN, OFF = MODES

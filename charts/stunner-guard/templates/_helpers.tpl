@@ -131,7 +131,7 @@ matchExpressions:
 
 {{/*
 CEL for the webhooks' matchConditions: is `c` a stunnerd container? The same test as the
-guard's own webhooks.stunnerd.is_stunnerd (tests/test_chart.py compares them): named
+guard's own webhooks.admission.stunnerd.is_stunnerd (tests/test_chart.py compares them): named
 stunner-daemon (operator) or stunnerd, or its image repository ends in "stunnerd", or
 command[0] is stunnerd or a path to it. The image regex strips the digest (from the first
 "@") and the tag (after the last ":", when no "/" follows it: a registry port is not a tag).

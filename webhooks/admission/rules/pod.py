@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import secrets
 
-from webhooks import stunnerd
-from webhooks.names import DRAIN_ANNOTATION, DRAIN_TOKEN_LABEL, drain_path
-from webhooks.outcome import Context, Outcome
-from webhooks.policy import Shaper, get_in
-from webhooks.rules.common import (
+from webhooks.admission import stunnerd
+from webhooks.admission.outcome import Context, Outcome
+from webhooks.admission.policy import Shaper, get_in
+from webhooks.admission.rules.common import (
     container_path,
     copy_containers_for_edit,
     copy_for_edit,
@@ -23,6 +22,7 @@ from webhooks.rules.common import (
     metadata_map,
     shaper_for,
 )
+from webhooks.names import DRAIN_ANNOTATION, DRAIN_TOKEN_LABEL, drain_path
 
 # pion/turn's default TURN allocation lifetime (RFC 5766): an idle allocation expires
 # after this long, so a drain shorter than this may cut calls.

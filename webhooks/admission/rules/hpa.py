@@ -17,12 +17,12 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
-from webhooks import stunnerd
+from webhooks.admission import stunnerd
+from webhooks.admission.outcome import Context, Outcome
+from webhooks.admission.policy import MUTATE, Shaper, format_cores, get_in, quantity
+from webhooks.admission.rules.common import container_path, copy_tree
+from webhooks.admission.rules.deployment import operator_owned, template_spec
 from webhooks.kube import KubeUnavailable
-from webhooks.outcome import Context, Outcome
-from webhooks.policy import MUTATE, Shaper, format_cores, get_in, quantity
-from webhooks.rules.common import container_path, copy_tree
-from webhooks.rules.deployment import operator_owned, template_spec
 
 
 def review(obj: dict, ctx: Context) -> Outcome:

@@ -4,9 +4,9 @@ operator renders stunnerd Deployments from, so the right place to shape them
 
 from __future__ import annotations
 
-from webhooks import stunnerd
-from webhooks.outcome import Context, Outcome
-from webhooks.rules.common import copy_for_edit, finish, shaper_for
+from webhooks.admission import stunnerd
+from webhooks.admission.outcome import Context, Outcome
+from webhooks.admission.rules.common import copy_for_edit, finish, shaper_for
 
 # enableMetricsEndpoint exists in v1 only; the v1alpha1 schema would prune it.
 METRICS_VERSIONS = frozenset({"stunner.l7mp.io/v1"})

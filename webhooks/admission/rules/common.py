@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from webhooks.admission.outcome import Context, Outcome
+from webhooks.admission.policy import MUTATE, STRICT, Shaper
 from webhooks.names import CHANGES_ANNOTATION
-from webhooks.outcome import Context, Outcome
-from webhooks.policy import MUTATE, STRICT, Shaper
 
 
 def copy_tree(value: Any) -> Any:

@@ -3,7 +3,7 @@
 A thousand held drains are a thousand metrics reads a second. Done in the gunicorn worker
 they took a fifth of a core under its GIL, the GIL admission needs: the apiserver's webhook
 calls then waited on them. So the reads run in a child process the drainer starts
-(``python -m webhooks.scrape``, which imports nothing heavier than prometheus_client's
+(``python -m webhooks.lifecycle.scrape``, which imports nothing heavier than prometheus_client's
 parser and orjson): one non-blocking loop over every read, one kept-alive connection per
 pod. The drainer keeps the schedule (at most one read per pod per poll interval, deadlines)
 and speaks to the reader over its stdin and stdout, one JSON list per line, each a batch:
@@ -52,6 +52,7 @@ RESULTS_BATCH_MAX = 64
 # of slack, while an admission request is waited on by the apiserver. When both want a
 # core, the kernel gives it to the worker first.
 READER_NICENESS = 10
+READER_MODULE = "webhooks.lifecycle.scrape"
 
 
 @dataclass(frozen=True)
@@ -583,11 +584,12 @@ class Reader:
 
     def start(self) -> int:
         """Start the process; the file descriptor its results arrive on."""
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        # The directory holding the webhooks package: lifecycle/ -> webhooks/ -> its parent.
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
         self.process = subprocess.Popen(
-            [self.python, "-m", "webhooks.scrape", orjson.dumps(asdict(self.spec)).decode()],
+            [self.python, "-m", READER_MODULE, orjson.dumps(asdict(self.spec)).decode()],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             bufsize=0,

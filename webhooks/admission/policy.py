@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from webhooks import stunnerd
-from webhooks.quantities import quantity
+from webhooks.admission import stunnerd
+from webhooks.admission.quantities import quantity
 from webhooks.settings import Policy, Rule
 
 MUTATE, STRICT, ADVISE = "mutate", "strict", "advise"

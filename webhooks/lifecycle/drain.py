@@ -25,7 +25,7 @@ unobservable after failed reads); everything else answers at once. Per process: 
 watch (label selector on the drain token label) instead of API calls per request, one
 waiter per pod however many duplicate calls arrive, at most one metrics read per pod per
 poll interval, and one drain loop thread that schedules every read. The reads themselves
-run in a child process (webhooks/scrape.py), off the GIL that admission needs; it passes
+run in a child process (webhooks/lifecycle/scrape.py), off the GIL that admission needs; it passes
 zeros and failed reads on within 20 ms and other counts in batches of at most 64 within
 0.1 s. A thousand held drains cost a thousand idle request threads, a tenth of a core in
 the reader (at a lower CPU priority than the worker), 3% of a core here (the drain loop,
@@ -53,8 +53,8 @@ from typing import Any
 
 from webhooks import names
 from webhooks.kube import Kube, KubeUnavailable, PodWatch, WatchExpired
+from webhooks.lifecycle.scrape import READ_RESULTS, Reader, Reading, ReadSpec
 from webhooks.metrics import Metrics
-from webhooks.scrape import READ_RESULTS, Reader, Reading, ReadSpec
 from webhooks.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -10,16 +10,16 @@ Other stunnerd Deployments get the same rules on their pod template.
 
 from __future__ import annotations
 
-from webhooks import stunnerd
-from webhooks.names import OPERATOR_OWNED_LABEL, OPERATOR_OWNED_VALUE
-from webhooks.outcome import Context, Outcome
-from webhooks.policy import ADVISE, get_in
-from webhooks.rules.common import (
+from webhooks.admission import stunnerd
+from webhooks.admission.outcome import Context, Outcome
+from webhooks.admission.policy import ADVISE, get_in
+from webhooks.admission.rules.common import (
     container_path,
     copy_for_edit,
     finish,
     shaper_for,
 )
+from webhooks.names import OPERATOR_OWNED_LABEL, OPERATOR_OWNED_VALUE
 
 TEMPLATE = "spec.template.spec"
 

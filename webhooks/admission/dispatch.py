@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from webhooks import review
-from webhooks.outcome import Context, Outcome
-from webhooks.rules import dataplane, deployment, hpa, pod
+from webhooks.admission import review
+from webhooks.admission.outcome import Context, Outcome
+from webhooks.admission.rules import dataplane, deployment, hpa, pod
 from webhooks.service import Service
 
 MUTATE = "mutate"
