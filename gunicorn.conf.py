@@ -39,12 +39,19 @@ if threads <= _drain.maxConcurrent:
         f"GUNICORN_THREADS={threads} leaves no thread for admission once "
         f"drain.maxConcurrent={_drain.maxConcurrent} drains are held; raise it or lower the cap"
     )
-# gthread stops accepting connections at worker_connections, held drains included; beyond
-# the threads, this leaves room for kept-alive idle connections (apiserver, Prometheus).
-worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS") or threads + 1000)
+# Connections of every kind: held drains, requests in flight, kept-alive idle ones, and ones
+# still sending their request (read on the main loop, no thread: webhooks/serving.py). At
+# the limit a new connection evicts the oldest one still sending its request. Room for
+# thousands of hostile half-open connections beside the real ones: measured, an idle TLS
+# connection costs the worker about 30 KiB.
+worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS") or threads + 4000)
 # Held drains never reach this: gthread's heartbeat runs in the worker's main loop, not in
 # the request threads. It only catches a worker whose main loop is stuck.
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
+# After SIGTERM the worker keeps serving and keeps every held drain until it ends
+# (webhooks/serving.py); this is its hard limit, a few seconds before which the drains
+# still held are answered "stopped". The chart sets it above the longest drain the policy
+# allows (rules.gracePeriod.max), and the pod's terminationGracePeriodSeconds above that.
 graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "30"))
 # The apiserver reuses connections to webhooks.
 keepalive = int(os.environ.get("GUNICORN_KEEPALIVE", "75"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import orjson
@@ -38,10 +39,16 @@ def _admit(webhook: str) -> Response:
     if request.content_length is not None and request.content_length > limit:
         service.metrics.bad_requests.labels(webhook, "413").inc()
         if request.content_length <= DISCARD_OVERSIZED_FACTOR * limit:
-            while request.stream.read(1 << 16):
-                pass
+            with contextlib.suppress(TimeoutError):
+                while request.stream.read(1 << 16):
+                    pass
         return _plain(413, f"body of {request.content_length} bytes exceeds the {limit}-byte limit")
-    body = _read_body(limit)
+    try:
+        body = _read_body(limit)
+    except TimeoutError as err:
+        # A streamed body (chunked) still arriving at the request deadline (serving.py).
+        service.metrics.bad_requests.labels(webhook, "408").inc()
+        return _plain(408, f"body not received in time: {err}")
     try:
         req = review.parse(body, limit)
     except review.BadReview as err:

@@ -17,9 +17,21 @@ class Service:
     kube: Kube | None
     metrics: Metrics = field(default_factory=Metrics)
     drainer: Drainer = field(init=False)
+    # SIGTERM reached the worker: /readyz fails, everything else goes on.
+    stopping: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         self.drainer = Drainer(self.settings, self.kube, self.metrics)
+
+    def begin_shutdown(self) -> None:
+        """SIGTERM reached the worker (webhooks/serving.py): report not ready at once, so
+        the Service stops sending new calls here, and keep serving what still arrives.
+        Held drains go on until they end normally."""
+        self.stopping = True
+
+    def stop_drains(self) -> None:
+        """The worker's hard limit is near: answer the drains still held (``stopped``)."""
+        self.drainer.close()
 
     def close(self) -> None:
         """Stop the drainer's threads (answering drains still held) and the API client."""
@@ -29,6 +41,8 @@ class Service:
 
     def not_ready_reason(self) -> str | None:
         """Why the service must not receive traffic yet, or None when ready."""
+        if self.stopping:
+            return "shutting down: held drains and requests in flight are still served"
         s = self.settings
         if s.serviceName and s.policy.drainHook.on and not s.drainHost:
             # In a cluster the preStop hook needs the Service ClusterIP; Kubernetes injects

@@ -1,33 +1,233 @@
-"""gunicorn's gthread worker, with one change: a connection's lingering close never runs
-on the worker's main loop.
+"""gunicorn's gthread worker, hardened for a service in the apiserver's request path and in
+every stunnerd pod's termination path (``worker_class`` in gunicorn.conf.py).
 
-gthread closes a connection it will not keep alive (``Connection: close``, a worker
-stopping, ``worker_connections - threads`` kept-alive connections reached) with
-``util.close_graceful``: shut down the write side, then read for up to 2 s until the peer
-closes too. It does that on the main loop, the one thread that accepts connections, hands
-requests to threads and tells the arbiter the worker is alive. A peer that keeps its end
-open (kubelet leaves a preStop request open once it has killed the container, a client that
-stops reading) stalls every connection for 2 s, and fifteen of them in a row exceed the
-30 s worker timeout: the arbiter kills the worker and every drain it holds. Measured with
-``make bench`` before this worker: a thousand drain connections left open after their
-answers made the next admission requests wait until the worker was killed.
+Stock gthread hands a connection to a pool thread as soon as its first byte arrives; the
+TLS handshake and the header read then block that thread with no deadline. Measured:
+1,100 connections that each sent one byte (or 2,500 idle TLS connections) took every
+thread, and ``/mutate`` and ``/healthz`` stalled until they closed; in a cluster the
+liveness probe then restarts the pod and every held drain is cut. So, four changes:
 
-Here the lingering close runs on a small pool of its own threads; the main loop moves on.
+1. **The request phase runs on the main loop.** The TLS handshake, the request head and a
+   body of known length up to ``maxBodyBytes`` are read there, non-blocking, under one
+   deadline from the first byte (``requestTimeoutSeconds``: Go's ``ReadHeaderTimeout``,
+   extended over the handshake and the body). A pool thread is taken only by a whole
+   request, so idle, half-open and trickling connections cost a socket and a buffer, never
+   a thread. Bodies the main loop does not buffer (chunked, or larger than the limit, which
+   the app refuses with 413) are read by the thread under the same deadline. Held drains
+   never read from their socket, so no deadline ever cuts them.
+2. **Bounded.** At ``worker_connections`` a new connection evicts the oldest one still in
+   its request phase (then the oldest idle kept-alive one) instead of stalling the accept
+   loop; request-phase buffers together stay under ``MAX_BUFFERED_BYTES``.
+3. **Shutdown keeps its promises.** On SIGTERM the worker tells the service (``/readyz``
+   fails at once) but keeps its listener open, answers every request that still arrives
+   (with ``Connection: close``, so clients reconnect to another replica), closes idle
+   kept-alive connections oldest first, and keeps every held drain until it ends normally.
+   It exits when nothing is left, or at gunicorn's graceful timeout minus
+   ``HARD_STOP_MARGIN_SECONDS``, when the drains still held are answered ``stopped``
+   first. Stock gthread stopped accepting at once and dropped kept-alive connections after
+   2 s: the apiserver saw refused and reset connections during every guard rollout.
+4. **One TLS context, reloaded as a pair.** Stock gunicorn loads the certificate and the
+   key from their files for every connection; kubelet swaps a Secret's files by an atomic
+   symlink swap, so a connection could get the new certificate with the old key (seen: 1 in
+   20-40 new connections failed during a swap). Here the pair is loaded once, re-checked
+   when the files change, and a pair that does not load keeps the last good context.
+
+And, as before: a connection's lingering close (up to 2 s while the peer keeps its end
+open) runs on threads of its own, never on the main loop, where a few such peers stalled
+every connection and then got the worker killed with its held drains.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
+import os
+import re
+import selectors
+import socket
+import ssl
+import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
 
+from gunicorn import http, util
 from gunicorn.workers import gthread
+
+log = logging.getLogger(__name__)
 
 # Lingering closes at once; more wait their turn (each ends within 2 s).
 CLOSING_THREADS = 8
+# Request-phase bytes buffered by the main loop, all connections together. A hostile
+# client must send them to fill them; past this, the oldest unfinished requests go.
+MAX_BUFFERED_BYTES = 256 * 1024 * 1024
+# A request head larger than this is handed to gunicorn's parser as it is, to be refused
+# there (gunicorn's own limits: a 4 KiB request line, 100 fields of 8 KiB).
+MAX_HEAD_BYTES = 64 * 1024
+# How often the TLS files are checked for a change (a stat each), and retried after a
+# pair that did not load (kubelet writes a Secret's files within one symlink swap; a torn
+# read is retried at once on the next accept after this).
+TLS_CHECK_SECONDS = 1.0
+# Drains still held this long before gunicorn's graceful timeout are answered "stopped",
+# so that kubelet gets an answer rather than a cut connection.
+HARD_STOP_MARGIN_SECONDS = 5.0
+# On shutdown, a kept-alive connection idle this long is closed (oldest first). The one
+# just used is the one a client reuses next; one idle for a while is not in its hands.
+STOP_IDLE_CLOSE_SECONDS = 1.0
+# On shutdown, the listener stays open at least this long, for connections a client opened
+# before it learnt this replica is going away.
+STOP_LINGER_SECONDS = 2.0
+
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*([^\r\n]*)", re.IGNORECASE)
+_TRANSFER_ENCODING = re.compile(rb"\r\ntransfer-encoding:", re.IGNORECASE)
+_EXPECT_CONTINUE = re.compile(rb"\r\nexpect:[ \t]*100-continue[ \t]*\r\n", re.IGNORECASE)
+_HTTP_11 = re.compile(rb"^[^\r\n]* HTTP/1\.1\r\n")
+
+
+# --------------------------------------------------------------------------- framing
+
+
+@dataclass(frozen=True)
+class Framing:
+    """What the main loop knows of a request from its bytes so far."""
+
+    complete: bool  # the whole request is buffered (or cannot be framed: let gunicorn say)
+    head_end: int = -1  # index past the blank line ending the head, -1 until seen
+    stream_body: bool = False  # hand over at the end of the head; the thread reads the body
+    expects_continue: bool = False
+
+
+def framing(buf: bytes | bytearray, max_body: int) -> Framing:
+    """Whether ``buf`` holds a whole HTTP/1.1 request. Only what the hand-over needs is
+    looked at: the end of the head and the body's length. gunicorn's parser reads the
+    request again, validates everything and refuses what is malformed, so anything this
+    cannot frame (a bad or repeated Content-Length, a head too large) counts as complete
+    and goes to the parser as it is."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return Framing(complete=len(buf) > MAX_HEAD_BYTES)
+    head_end = end + 4
+    head = bytes(buf[:head_end])
+    if _TRANSFER_ENCODING.search(head):
+        return Framing(complete=True, head_end=head_end, stream_body=True)
+    lengths = {m.group(1).strip() for m in _CONTENT_LENGTH.finditer(head)}
+    if not lengths:
+        return Framing(complete=True, head_end=head_end)
+    (length_text,) = lengths if len(lengths) == 1 else (b"",)
+    if not length_text.isdigit():
+        return Framing(complete=True, head_end=head_end)
+    length = int(length_text)
+    if length > max_body:
+        return Framing(complete=True, head_end=head_end, stream_body=True)
+    expects = bool(_EXPECT_CONTINUE.search(head)) and bool(_HTTP_11.match(head))
+    return Framing(
+        complete=len(buf) >= head_end + length, head_end=head_end, expects_continue=expects
+    )
+
+
+class _DeadlineSocket:
+    """What gunicorn's parser reads a streamed body from: the socket, with every read
+    bounded by what is left of the request phase's deadline."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.deadline = deadline
+
+    def recv(self, size: int) -> bytes:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request was not received within the request timeout")
+        self.sock.settimeout(left)
+        try:
+            return self.sock.recv(size)
+        finally:
+            self.sock.settimeout(None)
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+class TLSContext:
+    """The serving certificate and key as one SSLContext, reloaded when either file
+    changes. Both files are read, then loaded together; a pair that does not load (read
+    in the middle of a swap, or mismatched) leaves the last good context in use and is
+    tried again after ``TLS_CHECK_SECONDS``."""
+
+    def __init__(self, certfile: str, keyfile: str, make=None) -> None:
+        self.certfile = certfile
+        self.keyfile = keyfile
+        self._make = make or _server_context
+        self.context: ssl.SSLContext | None = None
+        self._loaded: tuple | None = None  # the files' stat signatures of `context`
+        self._checked = 0.0
+        self.reloads = 0
+        self.failures = 0
+        self.current()
+
+    def _signature(self) -> tuple:
+        return tuple(_stat_signature(path) for path in (self.certfile, self.keyfile))
+
+    def current(self) -> ssl.SSLContext:
+        """The context to wrap the next connection with (checked at most once a second)."""
+        now = time.monotonic()
+        if self.context is not None and now - self._checked < TLS_CHECK_SECONDS:
+            return self.context
+        self._checked = now
+        signature = self._signature()
+        if signature != self._loaded:
+            try:
+                context = self._make(self.certfile, self.keyfile)
+            except (OSError, ssl.SSLError, ValueError) as err:
+                self.failures += 1
+                if self.context is None:
+                    raise
+                log.warning("TLS certificate not reloaded, keeping the current one: %s", err)
+            else:
+                # Loaded from files that did not change while they were read.
+                if self._signature() == signature:
+                    if self.context is not None:
+                        self.reloads += 1
+                        log.info("TLS certificate reloaded from %s", self.certfile)
+                    self.context, self._loaded = context, signature
+                elif self.context is None:
+                    self.context = context  # the first one: retried at the next check
+        return self.context
+
+
+def _stat_signature(path: str) -> tuple:
+    try:
+        st = os.stat(path)  # follows kubelet's ..data symlink
+    except OSError:
+        return ()
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _server_context(certfile: str, keyfile: str) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certfile, keyfile)
+    return context
+
+
+# --------------------------------------------------------------------------- connections
 
 
 class _Conn(gthread.TConn):
+    """A connection, with its request phase: TLS handshake (once), then the bytes of the
+    next request, until it is whole or its deadline passes."""
+
     closer: ThreadPoolExecutor | None = None
+
+    def __init__(self, cfg, sock, client, server) -> None:
+        super().__init__(cfg, sock, client, server)
+        self.handshaken = not cfg.is_ssl
+        self.buf = bytearray()
+        self.deadline = 0.0  # of the request phase, monotonic
+        self.in_phase = False
+        self.sent_continue = False
+        self.idle_since = 0.0
 
     def close(self, graceful: bool = False) -> None:
         if graceful and self.closer is not None:
@@ -39,19 +239,297 @@ class _Conn(gthread.TConn):
 class ThreadWorker(gthread.ThreadWorker):
     """``worker_class = "webhooks.serving.ThreadWorker"`` (gunicorn.conf.py)."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.phase: deque[_Conn] = deque()  # request-phase connections, oldest first
+        self.buffered = 0
+        self.in_flight: set[_Conn] = set()
+        self.stopping_since: float | None = None
+        self.hard_stopped = False
+        self.tls: TLSContext | None = None
+        self.request_timeout = 10.0
+        self.max_body = 0
+
+    # ---------------------------------------------------------------- set-up
+
     def init_process(self) -> None:
         self.closer = ThreadPoolExecutor(CLOSING_THREADS, thread_name_prefix="close")
+        if self.cfg.is_ssl:
+            self.tls = TLSContext(self.cfg.certfile, self.cfg.keyfile)
         super().init_process()
 
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        settings = self._service().settings
+        self.request_timeout = settings.requestTimeoutSeconds
+        self.max_body = settings.maxBodyBytes
+
+    def _service(self):
+        return self.wsgi.extensions["stunner_guard"]
+
+    # ---------------------------------------------------------------- accepting
+
     def accept(self, listener) -> None:
-        # gthread.ThreadWorker.accept (gunicorn 27.0.1), making a _Conn instead of a TConn.
         try:
-            client_sock, client_addr = listener.accept()
-            self.nr_conns += 1
-            client_sock.setblocking(True)
-            conn = _Conn(self.cfg, client_sock, client_addr, listener.getsockname())
-            conn.closer = self.closer
-            self.enqueue_req(conn)
+            sock, addr = listener.accept()
         except OSError as e:
             if e.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
                 raise
+            return
+        if self.nr_conns >= self.worker_connections and not self._evict_one():
+            util.close(sock)  # every connection is a request in flight: no room
+            return
+        self.nr_conns += 1
+        sock.setblocking(False)
+        if self.tls is not None:
+            try:
+                sock = self.tls.current().wrap_socket(
+                    sock, server_side=True, do_handshake_on_connect=False
+                )
+            except OSError:  # the peer is already gone
+                self.nr_conns -= 1
+                util.close(sock)
+                return
+        conn = _Conn(self.cfg, sock, addr, listener.getsockname())
+        conn.closer = self.closer
+        self._begin_phase(conn, b"")
+
+    def _evict_one(self) -> bool:
+        """Make room for a new connection: the oldest one still sending its request, else
+        the oldest idle kept-alive one. False when every connection is a request in
+        flight."""
+        while self.phase:
+            conn = self.phase.popleft()
+            if conn.in_phase:
+                self._abandon(conn)
+                return True
+        if self.keepalived_conns:
+            conn = self.keepalived_conns.popleft()
+            with contextlib.suppress(OSError, KeyError, ValueError):
+                self.poller.unregister(conn.sock)
+            self._drop(conn)
+            return True
+        return False
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        # Never stop accepting: at worker_connections, accept() evicts instead.
+        super().set_accept_enabled(True)
+
+    # ---------------------------------------------------------------- the request phase
+
+    def _begin_phase(self, conn: _Conn, seed: bytes) -> None:
+        conn.in_phase = True
+        conn.deadline = time.monotonic() + self.request_timeout
+        conn.buf = bytearray(seed)
+        conn.sent_continue = False
+        self.buffered += len(seed)
+        self.phase.append(conn)
+        if seed and self._advance(conn):
+            return
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_phase_io, conn))
+
+    def _end_phase(self, conn: _Conn) -> None:
+        conn.in_phase = False
+        self.buffered -= len(conn.buf)
+
+    def _drop(self, conn: _Conn) -> None:
+        self.nr_conns -= 1
+        conn.close()
+
+    def _on_phase_io(self, conn: _Conn, _sock) -> None:
+        if not conn.in_phase:
+            return
+        try:
+            if not conn.handshaken:
+                conn.sock.do_handshake()
+                conn.handshaken = True
+            while True:
+                data = conn.sock.recv(1 << 16)
+                if not data:  # the peer closed
+                    raise ConnectionResetError
+                conn.buf += data
+                self.buffered += len(data)
+                if self._advance(conn):
+                    return
+        except ssl.SSLWantReadError:
+            self.poller.modify(conn.sock, selectors.EVENT_READ, partial(self._on_phase_io, conn))
+        except ssl.SSLWantWriteError:
+            self.poller.modify(conn.sock, selectors.EVENT_WRITE, partial(self._on_phase_io, conn))
+        except BlockingIOError:
+            pass
+        except OSError:  # reset, TLS failure, a peer that closed: nothing to answer
+            self._abandon(conn)
+            return
+        if self.buffered > MAX_BUFFERED_BYTES:
+            self._shed_buffers()
+
+    def _advance(self, conn: _Conn) -> bool:
+        """Hand the connection to a thread once its request is whole (True)."""
+        frame = framing(conn.buf, self.max_body)
+        if frame.expects_continue and not conn.sent_continue and not frame.complete:
+            # The client waits for this before it sends the body (curl, for bodies over
+            # 1 KiB); gunicorn would send it only once a thread reads the request.
+            conn.sent_continue = True
+            with contextlib.suppress(OSError):
+                conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if not frame.complete:
+            return False
+        with contextlib.suppress(OSError, KeyError, ValueError):
+            self.poller.unregister(conn.sock)
+        self._end_phase(conn)
+        data, conn.buf = bytes(conn.buf), bytearray()
+        if conn.parser is None:
+            conn.parser = http.get_parser(self.cfg, conn.sock, conn.client)
+            conn.initialized = True
+        conn.parser.unreader.unread(data)
+        conn.parser.unreader.sock = (
+            _DeadlineSocket(conn.sock, conn.deadline) if frame.stream_body else conn.sock
+        )
+        conn.data_ready = True
+        self.enqueue_req(conn)
+        return True
+
+    def _abandon(self, conn: _Conn) -> None:
+        with contextlib.suppress(OSError, KeyError, ValueError):
+            self.poller.unregister(conn.sock)
+        self._end_phase(conn)
+        self._drop(conn)
+
+    def _shed_buffers(self) -> None:
+        while self.buffered > MAX_BUFFERED_BYTES and self.phase:
+            conn = self.phase.popleft()
+            if conn.in_phase:
+                self._abandon(conn)
+
+    def murder_pending(self) -> None:
+        """Close connections whose request phase outlived its deadline (and forget the
+        ones that left it)."""
+        now = time.monotonic()
+        while self.phase and (not self.phase[0].in_phase or self.phase[0].deadline <= now):
+            conn = self.phase.popleft()
+            if conn.in_phase:
+                self._abandon(conn)
+
+    # ---------------------------------------------------------------- threads
+
+    def enqueue_req(self, conn: _Conn) -> None:
+        self.in_flight.add(conn)
+        super().enqueue_req(conn)
+
+    def on_client_socket_readable(self, conn: _Conn, client) -> None:
+        """A kept-alive connection's next request begins: read it on the main loop."""
+        self.poller.unregister(client)
+        self.keepalived_conns.remove(conn)
+        self._begin_phase(conn, b"")
+
+    def finish_request(self, conn: _Conn, fs) -> None:
+        self.in_flight.discard(conn)
+        try:
+            keep = (fs.result() if not fs.cancelled() else False) and self.cfg.keepalive
+        except Exception:
+            keep = False
+        if not keep:
+            self.nr_conns -= 1
+            conn.close(graceful=True)
+            return
+        with contextlib.suppress(OSError):
+            conn.sock.setblocking(False)
+        # A client may have sent its next request behind this one (read ahead by the body
+        # reader): it is the next request phase's first bytes.
+        ahead = conn.parser.unreader.take_buffered()
+        if ahead:
+            self._begin_phase(conn, ahead)
+            return
+        conn.set_timeout()
+        conn.idle_since = time.monotonic()
+        self.keepalived_conns.append(conn)
+        self.poller.register(
+            conn.sock, selectors.EVENT_READ, partial(self.on_client_socket_readable, conn)
+        )
+
+    def handle(self, conn: _Conn):
+        try:
+            return super().handle(conn)
+        finally:
+            conn.parser.unreader.sock = conn.sock
+
+    def handle_request(self, req, conn: _Conn):
+        if conn.sent_continue:
+            # The main loop already sent "100 Continue"; gunicorn would send another.
+            req._expected_100_continue = False
+        return super().handle_request(req, conn)
+
+    # ---------------------------------------------------------------- shutdown
+
+    def handle_exit(self, sig, frame) -> None:
+        """SIGTERM: begin the graceful stop (the main loop carries it out)."""
+        if self.stopping_since is None:
+            self.stopping_since = time.monotonic()
+        super().handle_exit(sig, frame)
+
+    def run(self) -> None:
+        self.poller.register(
+            self.method_queue.fileno(), selectors.EVENT_READ, self.method_queue.run_callbacks
+        )
+        self.set_accept_enabled(True)
+        told = False
+        while True:
+            self.notify()
+            self.wait_for_and_dispatch_events(timeout=self._loop_timeout())
+            if not self.is_parent_alive():
+                break
+            self.murder_keepalived()
+            self.murder_pending()
+            if self.alive:
+                continue
+            if self.stopping_since is None:  # max_requests, a parent change
+                self.stopping_since = time.monotonic()
+            if not told:
+                told = True
+                self._service().begin_shutdown()
+                log.info("stopping: serving what arrives, %d drains held", self._drains())
+            if self._stopped():
+                break
+        self._close_all()
+
+    def _loop_timeout(self) -> float:
+        return 1.0 if self.alive else 0.2
+
+    def _drains(self) -> int:
+        return len(self._service().drainer.in_progress())
+
+    def _stopped(self) -> bool:
+        """One pass of the stop, on the main loop; True when the worker may exit."""
+        now = time.monotonic()
+        elapsed = now - self.stopping_since
+        hard_at = self.cfg.graceful_timeout - HARD_STOP_MARGIN_SECONDS
+        if not self.hard_stopped and elapsed >= hard_at:
+            self.hard_stopped = True
+            log.warning("graceful timeout near: answering %d held drains", self._drains())
+            self._service().stop_drains()
+        if self.hard_stopped and elapsed >= self.cfg.graceful_timeout - 1.0:
+            return True
+        # Idle kept-alive connections go, oldest first, once idle for a while.
+        while (
+            self.keepalived_conns
+            and now - self.keepalived_conns[0].idle_since >= STOP_IDLE_CLOSE_SECONDS
+        ):
+            conn = self.keepalived_conns.popleft()
+            with contextlib.suppress(OSError, KeyError, ValueError):
+                self.poller.unregister(conn.sock)
+            self._drop(conn)
+        busy = self.in_flight or self.keepalived_conns or any(c.in_phase for c in self.phase)
+        return not busy and elapsed >= STOP_LINGER_SECONDS
+
+    def _close_all(self) -> None:
+        with contextlib.suppress(Exception):
+            self._service().close()
+        for conn in list(self.phase) + list(self.keepalived_conns):
+            with contextlib.suppress(OSError):
+                conn.close()
+        self.tpool.shutdown(wait=False)
+        self.closer.shutdown(wait=False)
+        self.poller.close()
+        self.method_queue.close()
+        for s in self.sockets:
+            s.close()

@@ -180,6 +180,10 @@ class Settings:
     maxBodyBytes: int = 3 * 1024 * 1024
     # STUNNER_GUARD_KUBE_TIMEOUT_SECONDS: per API call; the webhook's own timeout is short.
     kubeTimeoutSeconds: float = 2.0
+    # STUNNER_GUARD_REQUEST_TIMEOUT_SECONDS: a connection must deliver its TLS handshake and
+    # a whole request (head and body) within this long of its first byte, or it is closed
+    # (webhooks/serving.py). The apiserver, kubelet and Prometheus send a request at once.
+    requestTimeoutSeconds: float = 10.0
 
     def watches(self, namespace: str) -> bool:
         return not self.watchNamespaces or namespace in self.watchNamespaces
@@ -344,6 +348,19 @@ def _env_int(env: dict[str, str], name: str, default: int) -> int:
         raise PolicyError(f"{name}: {raw!r} is not an integer") from err
 
 
+def _env_seconds(env: dict[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = float(raw)
+    except ValueError as err:
+        raise PolicyError(f"{name}: {raw!r} is not a number") from err
+    if not value > 0:
+        raise PolicyError(f"{name}: {raw!r} must be greater than 0")
+    return value
+
+
 def _service_env_prefix(service_name: str) -> str:
     # Kubernetes names the injected variables after the Service: upper case, '-' -> '_'.
     return service_name.upper().replace("-", "_")
@@ -367,10 +384,12 @@ def from_env(env: dict[str, str] | None = None) -> Settings:
     watch = tuple(
         ns.strip() for ns in env.get("STUNNER_GUARD_WATCH_NAMESPACES", "").split(",") if ns.strip()
     )
-    try:
-        kube_timeout = float(env.get("STUNNER_GUARD_KUBE_TIMEOUT_SECONDS") or 2.0)
-    except ValueError as err:
-        raise PolicyError("STUNNER_GUARD_KUBE_TIMEOUT_SECONDS: not a number") from err
+    kube_timeout = _env_seconds(
+        env, "STUNNER_GUARD_KUBE_TIMEOUT_SECONDS", defaults.kubeTimeoutSeconds
+    )
+    request_timeout = _env_seconds(
+        env, "STUNNER_GUARD_REQUEST_TIMEOUT_SECONDS", defaults.requestTimeoutSeconds
+    )
     return Settings(
         policy=policy,
         drain=drain,
@@ -385,4 +404,5 @@ def from_env(env: dict[str, str] | None = None) -> Settings:
         dataplaneName=env.get("STUNNER_GUARD_DATAPLANE") or defaults.dataplaneName,
         maxBodyBytes=_env_int(env, "STUNNER_GUARD_MAX_BODY_BYTES", defaults.maxBodyBytes),
         kubeTimeoutSeconds=kube_timeout,
+        requestTimeoutSeconds=request_timeout,
     )

@@ -1,0 +1,250 @@
+"""End to end: the real gunicorn TLS server (webhooks/serving.py's worker) against hostile
+and awkward clients. The request phase (handshake, head, body) runs on the worker's main
+loop under one deadline, so no connection holds a thread until its request is whole, and
+the worker never stops accepting."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import ssl
+import time
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.conftest import POD_REVIEW
+from tests.hostile_clients import Attack
+from tests.servers import gunicorn
+from tests.test_drain_e2e import guard as guard  # noqa: F401, PLC0414  (the fixture)
+from tests.test_drain_e2e import kubelet_get
+
+pytestmark = pytest.mark.e2e
+
+REVIEW = POD_REVIEW.read_bytes()
+
+
+def _context(ca=None) -> ssl.SSLContext:
+    if ca:
+        return ssl.create_default_context(cafile=str(ca))
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _port(base: str) -> int:
+    return urlsplit(base).port
+
+
+def timed(connection: http.client.HTTPSConnection, method: str, path: str, body=None):
+    """(seconds, status) of one request on ``connection``."""
+    started = time.monotonic()
+    headers = {"Content-Type": "application/json"} if body else {}
+    connection.request(method, path, body=body, headers=headers)
+    response = connection.getresponse()
+    response.read()
+    return time.monotonic() - started, response.status
+
+
+def raw_tls(port: int) -> ssl.SSLSocket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return _context().wrap_socket(sock, server_hostname="localhost")
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+# --------------------------------------------------------------------------- hostile mix
+
+
+def test_the_hostile_connection_mix_neither_stalls_admission_nor_drops_a_held_drain(guard):
+    port = _port(guard.base)
+    path, target = guard.terminating_pod(0, allocations=3)
+    with ThreadPoolExecutor(1) as pool:
+        drain = pool.submit(kubelet_get, guard.base, path)
+        assert target.wait_for_scrapes(2)
+        kept = http.client.HTTPSConnection("127.0.0.1", port, context=_context(), timeout=10)
+        assert timed(kept, "POST", "/mutate", REVIEW)[1] == 200
+        # What stalled stock gthread, all open at once, reopened as the server closes
+        # them; held past the request timeout, so the deadline's closes are exercised.
+        with Attack(port, idle=1500, one_byte=1100, slowloris=200) as attack:
+            assert attack.wait_open(60), attack.open_now()
+            slowest = {"new": 0.0, "kept": 0.0, "healthz": 0.0}
+            # Past the 10 s request timeout: the deadline's closes and reopens too.
+            until = time.monotonic() + 12
+            while time.monotonic() < until:
+                fresh = http.client.HTTPSConnection(
+                    "127.0.0.1", port, context=_context(), timeout=10
+                )
+                for name, (seconds, status) in {
+                    "new": timed(fresh, "POST", "/mutate", REVIEW),
+                    "kept": timed(kept, "POST", "/mutate", REVIEW),
+                    "healthz": timed(fresh, "GET", "/healthz"),
+                }.items():
+                    assert status == 200, name
+                    slowest[name] = max(slowest[name], seconds)
+                fresh.close()
+                time.sleep(0.2)
+            # The deadline closed the ones that never finished a request, and they came back.
+            assert attack.closed["one-byte"] >= 1100 and attack.closed["slowloris"] >= 200
+            assert not drain.done()
+        assert max(slowest.values()) < 2.0, slowest
+        # At once after the attack ends, on new and kept-alive connections.
+        assert timed(kept, "POST", "/mutate", REVIEW)[0] < 0.5
+        kept.close()
+        fresh = http.client.HTTPSConnection("127.0.0.1", port, context=_context(), timeout=10)
+        assert timed(fresh, "GET", "/healthz")[0] < 0.5
+        fresh.close()
+        target.allocations = 0
+        status, body, _ = drain.result(timeout=10)
+    assert (status, body["outcome"]) == (200, "drained")
+
+
+# --------------------------------------------------------------------------- the deadline
+
+
+@pytest.fixture(scope="module")
+def quick(dev_certs, tmp_path_factory):
+    """A server with a 2 s request timeout and little room, no cluster."""
+    policy = tmp_path_factory.mktemp("policy") / "policy.yaml"
+    policy.write_text("drain: {maxConcurrent: 4}\n")
+    env = {
+        "STUNNER_GUARD_POLICY_FILE": str(policy),
+        "STUNNER_GUARD_DRAIN_HOST": "10.96.0.10",
+        "STUNNER_GUARD_REQUEST_TIMEOUT_SECONDS": "2",
+        "GUNICORN_THREADS": "8",
+        "GUNICORN_ADMISSION_THREADS": "4",
+        "GUNICORN_WORKER_CONNECTIONS": "60",
+        "STUNNER_GUARD_MAX_BODY_BYTES": "65536",
+    }
+    with gunicorn(dev_certs, env, home=tmp_path_factory.mktemp("home")) as (base, process):
+        yield _port(base)
+
+
+def test_a_request_head_trickled_past_the_request_timeout_is_closed_unanswered(quick):
+    with raw_tls(quick) as sock:
+        started = time.monotonic()
+        head = b"POST /mutate HTTP/1.1\r\nHost: x\r\n"
+        closed = None
+        for byte in head:
+            try:
+                sock.send(bytes([byte]))
+            except OSError:
+                closed = time.monotonic() - started
+                break
+            sock.settimeout(0.25)
+            try:
+                if sock.recv(1) == b"":
+                    closed = time.monotonic() - started
+                    break
+            except TimeoutError:
+                pass
+        assert closed is not None and 1.5 < closed < 3.5
+
+
+def test_a_slow_request_that_ends_within_the_request_timeout_is_answered(quick):
+    with raw_tls(quick) as sock:
+        request = (
+            b"POST /mutate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(REVIEW)
+            + REVIEW
+        )
+        pieces = [
+            request[i : i + len(request) // 5 + 1]
+            for i in range(0, len(request), len(request) // 5 + 1)
+        ]
+        for piece in pieces:
+            sock.sendall(piece)
+            time.sleep(0.25)
+        answer = read_until_closed(sock)
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["response"]["allowed"] is True
+
+
+def test_a_connection_that_never_shakes_hands_is_closed_at_the_deadline(quick):
+    with socket.create_connection(("127.0.0.1", quick), timeout=10) as sock:
+        sock.send(b"\x16")  # a TLS record header's first byte, then nothing
+        started = time.monotonic()
+        assert sock.recv(1) == b""
+        assert 1.5 < time.monotonic() - started < 3.5
+
+
+def test_a_new_connection_at_the_connection_limit_evicts_the_oldest_unfinished_one(quick):
+    # worker_connections=60: fill them with connections that never send a request.
+    hogs = [socket.create_connection(("127.0.0.1", quick), timeout=10) for _ in range(60)]
+    try:
+        time.sleep(0.3)
+        connection = http.client.HTTPSConnection("127.0.0.1", quick, context=_context(), timeout=5)
+        assert timed(connection, "GET", "/healthz")[1] == 200
+        connection.close()
+        # The oldest hog made room: the server closed it.
+        hogs[0].settimeout(2)
+        assert hogs[0].recv(1) == b""
+    finally:
+        for hog in hogs:
+            hog.close()
+
+
+# --------------------------------------------------------------------------- framing
+
+
+def test_expect_100_continue_gets_one_interim_answer_before_the_body(quick):
+    with raw_tls(quick) as sock:
+        sock.sendall(
+            b"POST /mutate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + b"Content-Length: %d\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
+            % len(REVIEW)
+        )
+        sock.settimeout(1.0)  # curl waits 1 s for it, then sends the body anyway
+        assert sock.recv(64) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.settimeout(10)
+        sock.sendall(REVIEW)
+        answer = read_until_closed(sock)
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:100]
+        assert b"100 Continue" not in answer
+
+
+def test_a_chunked_review_is_answered(quick):
+    connection = http.client.HTTPSConnection("127.0.0.1", quick, context=_context(), timeout=5)
+    pieces = [REVIEW[i : i + 1000] for i in range(0, len(REVIEW), 1000)]
+    connection.request(
+        "POST",
+        "/mutate",
+        body=iter(pieces),
+        headers={"Content-Type": "application/json"},
+        encode_chunked=True,
+    )
+    response = connection.getresponse()
+    assert response.status == 200
+    assert json.loads(response.read())["response"]["allowed"] is True
+    connection.close()
+
+
+def test_a_chunked_body_still_arriving_at_the_deadline_gets_408(quick):
+    with raw_tls(quick) as sock:
+        sock.sendall(
+            b"POST /mutate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n1\r\n{\r\n"
+        )
+        started = time.monotonic()
+        answer = read_until_closed(sock)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:100]
+        assert time.monotonic() - started < 3.5
+
+
+def test_two_pipelined_requests_get_two_answers_in_order(quick):
+    with raw_tls(quick) as sock:
+        sock.sendall(
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        answer = read_until_closed(sock)
+        assert answer.count(b"HTTP/1.1 ") == 2
+        assert answer.index(b"HTTP/1.1 200 ") < answer.index(b"HTTP/1.1 404 ")
