@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from tests.conftest import DRAIN_HOST, STUNNER, context, load_yaml_docs, stunnerd_pod, with_rules
 from webhooks.admission import dispatch
 from webhooks.admission.quantities import quantity
+from webhooks.admission.stunnerd import effective_threads, go_int, thread_values
 from webhooks.names import CHANGES_ANNOTATION, DRAIN_ANNOTATION, DRAIN_TOKEN_LABEL
 from webhooks.settings import (
     GracePeriod,
@@ -265,6 +266,121 @@ def test_thread_rule_respects_its_own_limits():
     assert container(mutated)["args"] == ["-w", "--udp-thread-num=2"]
 
 
+# stunnerd reads command[1:] + args with pflag (webhooks/admission/stunnerd.py): the rule
+# reads them the same way and rewrites every occurrence in its own place and spelling.
+ARGV_CASES = [
+    pytest.param(
+        ["stunnerd", "--udp-thread-num=3"],
+        ["--udp-thread-num=99"],
+        ["stunnerd", "--udp-thread-num=8"],
+        ["--udp-thread-num=8"],
+        id="in-command-and-args-both-rewritten",
+    ),
+    pytest.param(["stunnerd"], ["-wu4"], ["stunnerd"], ["-wu8"], id="cluster-attached"),
+    pytest.param(["stunnerd"], ["-wu", "4"], ["stunnerd"], ["-wu", "8"], id="cluster-next"),
+    pytest.param(["stunnerd"], ["-vwu=4"], ["stunnerd"], ["-vwu=8"], id="cluster-equals"),
+    pytest.param(["stunnerd"], ["-uw"], ["stunnerd"], ["-u8"], id="u-takes-the-rest"),
+    pytest.param(
+        ["stunnerd"],
+        ["-cu4"],
+        ["stunnerd"],
+        ["-cu4", "--udp-thread-num=8"],
+        id="config-value-is-not-a-flag",
+    ),
+    pytest.param(
+        ["stunnerd"],
+        ["--log", "-u", "-w"],
+        ["stunnerd"],
+        ["--log", "-u", "-w", "--udp-thread-num=8"],
+        id="long-flag-value-is-not-a-flag",
+    ),
+    pytest.param(
+        ["stunnerd", "-u"], ["4", "-w"], ["stunnerd", "-u"], ["8", "-w"], id="value-in-args"
+    ),
+    pytest.param(
+        ["stunnerd"],
+        ["-w", "--", "-u", "4"],
+        ["stunnerd"],
+        ["-w", "--udp-thread-num=8", "--", "-u", "4"],
+        id="after-double-dash-positional",
+    ),
+    pytest.param(
+        ["stunnerd", "-w", "-c"],
+        None,
+        ["stunnerd", "-w", "--udp-thread-num=8", "-c"],
+        None,
+        id="not-swallowed-by-a-dangling-flag",
+    ),
+    pytest.param(["stunnerd"], ["-u", "0x8"], ["stunnerd"], ["-u", "0x8"], id="go-int-kept"),
+    pytest.param(
+        ["/sbin/tini", "--", "stunnerd", "-u", "3"],
+        ["-w"],
+        ["/sbin/tini", "--", "stunnerd", "-u", "8"],
+        ["-w"],
+        id="init-wrapper",
+    ),
+    pytest.param(None, ["-w", "-u", "3"], None, ["-w", "-u", "8"], id="image-entrypoint"),
+]
+
+
+@pytest.mark.parametrize(("command", "args", "expected_command", "expected_args"), ARGV_CASES)
+def test_thread_flag_is_set_wherever_stunnerd_reads_it(
+    command, args, expected_command, expected_args
+):
+    pod = stunnerd_pod(command=command, args=args, resources={"limits": {"cpu": "1"}})
+    _, mutated = run(pod)
+    assert container(mutated).get("command") == expected_command
+    assert container(mutated).get("args") == expected_args
+    assert effective_threads(expected_command, expected_args or []) == 8
+
+
+@pytest.mark.parametrize(
+    ("command", "args"),
+    [
+        pytest.param(["sh", "-c", "stunnerd -u 4"], None, id="sh-c"),
+        pytest.param(["/bin/bash", "-ec"], ["exec stunnerd -u 4"], id="bash-script-in-args"),
+        pytest.param(["tini", "--", "/bin/sh", "/run.sh"], None, id="shell-under-tini"),
+        pytest.param(None, ["sh", "-c", "stunnerd -u 4"], id="shell-as-image-cmd"),
+    ],
+)
+def test_a_shell_wrapper_gets_a_warning_instead_of_an_edit(command, args):
+    pod = stunnerd_pod(command=command, args=args, resources={"limits": {"cpu": "1"}})
+    verdict, mutated = run(pod)
+    assert container(mutated).get("command") == command
+    assert container(mutated).get("args") == args
+    (warning,) = [w for w in verdict.warnings if "--udp-thread-num" in w]
+    assert "cannot check --udp-thread-num (want 8)" in warning
+
+
+THREAD_TOKENS = st.sampled_from(
+    ["-w", "-u", "-wu", "-uw", "-u4", "-wu3", "-u=5", "-vu", "--udp-thread-num",
+     "--udp-thread-num=7", "--", "-c", "/c", "-cu4", "--log", "--watch", "--config=/c",
+     "-n", "4", "0x10", "x", "-", "-dwu9"]
+)  # fmt: skip
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(
+    st.one_of(st.none(), st.lists(THREAD_TOKENS, max_size=6).map(lambda t: ["stunnerd", *t])),
+    st.one_of(st.none(), st.lists(THREAD_TOKENS, max_size=6)),
+    st.sampled_from(["100m", "1", "1500m", "2"]),
+)
+def test_stunnerd_reads_the_wanted_thread_count_after_mutation_and_a_second_pass_is_a_no_op(
+    command, args, cpu_limit
+):
+    pod = stunnerd_pod(command=command, args=args, resources={"limits": {"cpu": cpu_limit}})
+    verdict, mutated = run(pod)
+    if command is None and not args:
+        return  # the image's CMD: warned, not edited
+    new_command = container(mutated).get("command")
+    new_args = container(mutated).get("args") or []
+    want = min(16, max(1, int(8 * quantity(cpu_limit))))
+    assert effective_threads(new_command, new_args) == want
+    assert all(go_int(v) == want for v in thread_values(new_command, new_args))
+    again, twice = run(mutated)
+    assert again.patch == [] and twice == mutated
+
+
 # ---------------------------------------------------------------- grace period
 
 
@@ -447,6 +563,36 @@ def test_dataplane_with_operator_default_args_and_two_cores_keeps_args_unset():
         )
     )
     assert "args" not in dp["spec"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        pytest.param(
+            {"command": ["stunnerd", "-u", "3"]},
+            {"command": ["stunnerd", "-u", "8"], "args": ["-w", "--udp-thread-num=8"]},
+            id="command-flag-and-operator-default-args",
+        ),
+        pytest.param(
+            {"command": [], "args": []},
+            {"command": [], "args": ["-w", "--udp-thread-num=8"]},
+            id="empty-lists-are-the-operator-defaults",
+        ),
+        pytest.param(
+            {"args": ["-wu4", "--log-format=text"]},
+            {"args": ["-wu8", "--log-format=text"]},
+            id="cluster",
+        ),
+        pytest.param(
+            {"command": ["sh", "-c", "stunnerd -u 4"]},
+            {"command": ["sh", "-c", "stunnerd -u 4"], "args": None},
+            id="shell-left-alone",
+        ),
+    ],
+)
+def test_dataplane_thread_flag_follows_what_the_operator_renders(spec, expected):
+    _, dp = run(dataplane(resources={"limits": {"cpu": "1"}}, **spec))
+    assert {k: dp["spec"].get(k) for k in expected} == expected
 
 
 def test_v1alpha1_dataplane_has_no_metrics_field_to_set():

@@ -185,11 +185,13 @@ class Shaper:
         container: dict,
         where: str,
         cpu_limit: Decimal | None,
-        default_args: list | None = None,
+        operator_defaults: bool = False,
     ) -> None:
-        """``--udp-thread-num`` = min(max, perCore x CPU limit), at least 1. The flag may sit
-        in ``command[1:]`` or in ``args``; ``default_args`` is what runs when ``args`` is
-        unset (the operator's defaults for a Dataplane; unknown image CMD for a Pod)."""
+        """``--udp-thread-num`` = min(max, perCore x CPU limit), at least 1, wherever stunnerd
+        reads it: ``command[1:]`` then ``args``, the last occurrence winning (stunnerd.py).
+        Every occurrence is rewritten in place, so none is left to override the others.
+        ``operator_defaults``: a Dataplane, whose unset (or empty) command and args the
+        operator renders as ``stunnerd`` and ``-w --udp-thread-num=16``."""
         rule = self.policy.listenerThreads
         if not rule.on:
             return
@@ -198,35 +200,48 @@ class Shaper:
         else:
             want = max(1, min(rule.max, int(Decimal(rule.perCore) * cpu_limit)))
         command = container.get("command")
-        command = command if _str_list(command) else None
+        command = command if _str_list(command) and command else None
         args = container.get("args")
         if args is not None and not _str_list(args):
             self.deny(f"{where}.args", args, "not a list of strings", "listenerThreads")
             return
-        if command and stunnerd.thread_values(command[1:]):
-            at, argv, key, head = f"{where}.command", command, "command", 1
-        else:
-            at, key, head = f"{where}.args", "args", 0
-            argv = args if args is not None else default_args
-            if argv is None:
-                if command is None:
-                    # Appending args would replace the image's CMD, whose flags we can't see.
-                    self.warnings.append(
-                        f"{where}: no command/args; cannot check --udp-thread-num (want {want})"
-                    )
-                    return
-                argv = []
-        current = stunnerd.thread_values(argv[head:])
-        if current and all(v == str(want) for v in current):
+        # An empty list is no list: kubelet and the operator both fall back to the default.
+        args = args or None
+        if operator_defaults:
+            command = command or stunnerd.OPERATOR_DEFAULT_COMMAND
+            args = args or stunnerd.OPERATOR_DEFAULT_ARGS
+        if command is None and args is None:
+            # Adding args would replace the image's CMD, whose flags we can't see.
+            self.warnings.append(
+                f"{where}: no command/args; cannot check --udp-thread-num (want {want})"
+            )
             return
+        shell = stunnerd.shell_wrapper(command, args or [])
+        if shell is not None:
+            # Editing a script or appending to a shell's argv would break the container.
+            self.warnings.append(
+                f"{where}: stunnerd runs under {shell}; cannot check --udp-thread-num (want {want})"
+            )
+            return
+        current = stunnerd.thread_values(command, args or [])
+        if current and all(stunnerd.go_int(v) == want for v in current):
+            return
+        new_command, new_args = stunnerd.with_threads(command, args or [], want)
+        fields = stunnerd.thread_fields(command, args or []) or [
+            "command" if new_command != command else "args"
+        ]
         now = ",".join(show(v) for v in current) if current else None
         why = (
             f"{rule.perCore}/core x CPU limit {format_cores(cpu_limit)}, max {rule.max}"
             if cpu_limit is not None
             else f"no CPU limit: max {rule.max}"
         )
-        if self.propose("listenerThreads", rule, f"{at} --udp-thread-num", now, want, why):
-            container[key] = argv[:head] + stunnerd.with_threads(argv[head:], want)
+        at = f"{where}.{'+'.join(fields)} --udp-thread-num"
+        if self.propose("listenerThreads", rule, at, now, want, why):
+            if new_command != command:
+                container["command"] = new_command
+            if new_args != (args or []):
+                container["args"] = new_args
 
     # ------------------------------------------------------------------ grace period
 
@@ -252,9 +267,9 @@ class Shaper:
 
     # ------------------------------------------------------------------ whole container
 
-    def container(self, container: dict, where: str, default_args: list | None = None) -> None:
+    def container(self, container: dict, where: str, operator_defaults: bool = False) -> None:
         cpu_limit = self.resources(container, where)
-        self.threads(container, where, cpu_limit, default_args)
+        self.threads(container, where, cpu_limit, operator_defaults)
 
 
 # ---------------------------------------------------------------------- dict helpers
