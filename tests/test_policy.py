@@ -11,8 +11,19 @@ from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from tests.conftest import DRAIN_HOST, STUNNER, context, load_yaml_docs, stunnerd_pod, with_rules
+from tests.conftest import (
+    ADMISSION,
+    DRAIN_HOST,
+    POD_REVIEW,
+    STUNNER,
+    context,
+    load_json,
+    load_yaml_docs,
+    stunnerd_pod,
+    with_rules,
+)
 from webhooks.admission import dispatch
+from webhooks.admission.policy import API_DEFAULT_GRACE_SECONDS, get_in
 from webhooks.admission.quantities import quantity
 from webhooks.admission.stunnerd import effective_threads, go_int, thread_values
 from webhooks.names import CHANGES_ANNOTATION, DRAIN_ANNOTATION, DRAIN_TOKEN_LABEL
@@ -26,6 +37,9 @@ from webhooks.settings import (
     Rule,
     Settings,
 )
+
+V136 = ADMISSION / "apiserver-v1.36"
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 
 
 def run(
@@ -388,7 +402,8 @@ def test_stunnerd_reads_the_wanted_thread_count_after_mutation_and_a_second_pass
     ("given", "expected"),
     [
         pytest.param(None, 3600, id="unset-default"),
-        pytest.param(30, 600, id="api-default-raised-to-min"),
+        pytest.param(30, 3600, id="api-default-is-unset"),
+        pytest.param(31, 600, id="below-min-raised-to-min"),
         pytest.param(900, 900, id="in-range-kept"),
         pytest.param(20000, 14400, id="above-max-capped"),
     ],
@@ -401,6 +416,71 @@ def test_grace_period_is_kept_in_range(given, expected):
         pod["spec"]["terminationGracePeriodSeconds"] = given
     _, mutated = run(pod)
     assert mutated["spec"]["terminationGracePeriodSeconds"] == expected
+
+
+def _made_stunnerd(review: dict) -> dict:
+    """The object of a real captured review, its one container made a stunnerd one."""
+    obj = copy.deepcopy(review["request"]["object"])
+    spec = obj["spec"]["template"]["spec"] if obj["kind"] == "Deployment" else obj["spec"]
+    spec["containers"][0].update(
+        name="stunnerd", image="docker.io/l7mp/stunnerd:1.2.0", command=["stunnerd"], args=["-w"]
+    )
+    return obj
+
+
+# kubectl apply recorded what the user sent (last-applied-configuration): no grace period;
+# the apiserver's defaulting filled one in before calling the webhook.
+APISERVER_DEFAULTED = [
+    pytest.param(V136 / "001-Pod-CREATE-stunner-hooked-pod.json", ("spec",), id="pod"),
+    pytest.param(
+        V136 / "002-Deployment-CREATE-stunner-hooked-deploy.json",
+        ("spec", "template", "spec"),
+        id="deployment-template",
+    ),
+]
+
+
+@pytest.mark.parametrize(("path", "pod_spec"), APISERVER_DEFAULTED)
+def test_the_apiserver_fills_in_30_where_the_user_set_no_grace_period(path, pod_spec):
+    obj = load_json(path)["request"]["object"]
+    sent = json.loads(obj["metadata"]["annotations"][LAST_APPLIED])
+    assert "terminationGracePeriodSeconds" not in get_in(sent, *pod_spec)
+    assert get_in(obj, *pod_spec)["terminationGracePeriodSeconds"] == API_DEFAULT_GRACE_SECONDS
+
+
+@pytest.mark.parametrize(("path", "pod_spec"), APISERVER_DEFAULTED)
+def test_a_grace_period_the_apiserver_filled_in_gets_the_default_not_the_minimum(path, pod_spec):
+    verdict, mutated = run(_made_stunnerd(load_json(path)))
+    assert get_in(mutated, *pod_spec)["terminationGracePeriodSeconds"] == 3600
+    at = ".".join(pod_spec) + ".terminationGracePeriodSeconds"
+    changes = json.loads(mutated["metadata"]["annotations"][CHANGES_ANNOTATION])
+    assert any(c.startswith(f"{at}: 30 (API default) -> 3600 (gracePeriod") for c in changes)
+    assert f"stunner-guard set {at}=3600, was 30 (API default) (gracePeriod)" in verdict.warnings
+
+
+def test_the_real_operator_pod_review_with_the_api_default_grace_ends_with_the_default():
+    # The captured operator pod carries the Dataplane's 3600; a Dataplane that sets none
+    # still renders 3600, so 30 reaches a stunnerd Pod only from the apiserver's defaulting.
+    review = load_json(POD_REVIEW)
+    assert review["request"]["object"]["spec"]["terminationGracePeriodSeconds"] == 3600
+    pod = copy.deepcopy(review["request"]["object"])
+    pod["spec"]["terminationGracePeriodSeconds"] = API_DEFAULT_GRACE_SECONDS
+    _, mutated = run(pod)
+    assert mutated["spec"]["terminationGracePeriodSeconds"] == 3600
+
+
+def test_a_dataplane_has_no_api_default_so_its_30_is_raised_to_the_minimum():
+    _, dp = run(dataplane(terminationGracePeriodSeconds=30))
+    assert dp["spec"]["terminationGracePeriodSeconds"] == 600
+
+
+def test_a_policy_default_of_30_keeps_30():
+    settings = with_rules(gracePeriod=GracePeriod(default=30, min=10))
+    pod = stunnerd_pod()
+    pod["spec"]["terminationGracePeriodSeconds"] = 30
+    verdict, mutated = run(pod, settings=settings)
+    assert mutated["spec"]["terminationGracePeriodSeconds"] == 30
+    assert not any("terminationGracePeriodSeconds" in w for w in verdict.warnings)
 
 
 def test_grace_period_that_is_not_an_integer_is_denied():

@@ -17,6 +17,9 @@ and on the webhook:
 
 Values that cannot be fixed (a quantity that does not parse) are denied by every webhook.
 Independently of every mode, the guard never emits a request above its limit.
+
+The grace period's "unset" is the apiserver's 30 on Pods and pod templates: its defaulting
+runs before any webhook, so a Pod never arrives without one (``Shaper.grace``).
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ from webhooks.settings import Policy, Rule
 
 MUTATE, STRICT, ADVISE = "mutate", "strict", "advise"
 RESOURCES = ("cpu", "memory")
+# What the apiserver writes into every Pod and pod template without a grace period
+# (k8s.io/api core/v1 DefaultTerminationGracePeriodSeconds, applied by SetDefaults_PodSpec
+# before admission; seen in the captured bodies in tests/fixtures/admission/apiserver-v1.36).
+API_DEFAULT_GRACE_SECONDS = 30
 
 
 def format_cores(cores: Decimal) -> str:
@@ -77,7 +84,8 @@ class Shaper:
             if not rule.enforced:
                 return False
             self.changes.append(f"{where}: {show(before)} -> {show(after)} ({name}: {why})")
-            self.warnings.append(f"stunner-guard set {where}={show(after)} ({name})")
+            was = f", was {show(before)}" if before is not None else ""
+            self.warnings.append(f"stunner-guard set {where}={show(after)}{was} ({name})")
             return True
         if self.how == STRICT and rule.enforced:
             self.denials.append(
@@ -245,22 +253,33 @@ class Shaper:
 
     # ------------------------------------------------------------------ grace period
 
-    def grace(self, spec: dict, where: str) -> int | None:
-        """terminationGracePeriodSeconds within min..max; the default where unset."""
+    def grace(self, spec: dict, where: str, pod_spec: bool = True) -> int | None:
+        """terminationGracePeriodSeconds within min..max; the default where unset.
+
+        On a Pod or a pod template (``pod_spec``) the apiserver's defaulting fills in 30
+        (API_DEFAULT_GRACE_SECONDS) before any mutating webhook runs, so "unset" never
+        arrives there: 30 is read as unset and gets the default, not just the minimum.
+        Nothing tells an explicit 30 from the filled-in one; with the default minimum
+        (600) an explicit 30 would be raised anyway, so only the value it ends at differs
+        (the default, 3600, instead of the minimum). A Dataplane is a CRD without that
+        defaulting: its 30 is the user's, and is moved into range like any other value."""
         rule = self.policy.gracePeriod
         at = f"{where}.terminationGracePeriodSeconds"
         value = spec.get("terminationGracePeriodSeconds")
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             self.deny(at, value, "not an integer number of seconds", "gracePeriod")
             return None
-        want = None
+        want, before = None, value
         if value is None:
             want, why = rule.default, "unset"
+        elif pod_spec and value == API_DEFAULT_GRACE_SECONDS and value != rule.default:
+            want, why = rule.default, f"unset: the apiserver fills in {value}"
+            before = f"{value} (API default)"
         elif value < rule.min:
             want, why = rule.min, f"below {rule.min}s: idle TURN allocations live 10 min"
         elif value > rule.max:
             want, why = rule.max, f"above the {rule.max}s maximum"
-        if want is not None and self.propose("gracePeriod", rule, at, value, want, why):
+        if want is not None and self.propose("gracePeriod", rule, at, before, want, why):
             spec["terminationGracePeriodSeconds"] = want
             return want
         return value

@@ -18,7 +18,8 @@ def review(obj: dict, ctx: Context) -> Outcome:
     policy = ctx.settings.policy
     # With spec.command/args unset the operator renders its own defaults: that is what runs.
     shaper.container(spec, "spec", operator_defaults=True)
-    shaper.grace(spec, "spec")
+    # A CRD: no apiserver defaulting, so a 30 here is the user's own.
+    shaper.grace(spec, "spec", pod_spec=False)
     if ctx.api_version in METRICS_VERSIONS and spec.get("enableMetricsEndpoint") is not True:
         if shaper.propose(
             "metricsEndpoint",
