@@ -48,12 +48,13 @@ def run(
     settings: Settings | None = None,
     kube=None,
     operation: str = "CREATE",
+    namespace: str = "media",
 ):
     """(verdict, object after the verdict's patch) through the same path as the webhook."""
     group, _, version = obj["apiVersion"].rpartition("/")
     handler = dispatch.handler_for(group, version, obj["kind"], operation)
     assert handler is not None, f"no handler for {obj['kind']}"
-    ctx = context(settings, webhook, kube, api_version=obj["apiVersion"])
+    ctx = context(settings, webhook, kube, api_version=obj["apiVersion"], namespace=namespace)
     pristine = copy.deepcopy(obj)
     verdict = dispatch.verdict(obj, handler(obj, ctx), ctx)
     # Rules edit a copy: the request's object is what the patch is computed against.
