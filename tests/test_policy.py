@@ -11,9 +11,21 @@ from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from tests.conftest import DRAIN_HOST, STUNNER, context, load_yaml_docs, stunnerd_pod, with_rules
+from tests.conftest import (
+    ADMISSION,
+    DRAIN_HOST,
+    POD_REVIEW,
+    STUNNER,
+    context,
+    load_json,
+    load_yaml_docs,
+    stunnerd_pod,
+    with_rules,
+)
 from webhooks.admission import dispatch
+from webhooks.admission.policy import API_DEFAULT_GRACE_SECONDS, get_in
 from webhooks.admission.quantities import quantity
+from webhooks.admission.stunnerd import effective_threads, go_int, thread_values
 from webhooks.names import CHANGES_ANNOTATION, DRAIN_ANNOTATION, DRAIN_TOKEN_LABEL
 from webhooks.settings import (
     GracePeriod,
@@ -26,6 +38,9 @@ from webhooks.settings import (
     Settings,
 )
 
+V136 = ADMISSION / "apiserver-v1.36"
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+
 
 def run(
     obj: dict,
@@ -33,12 +48,13 @@ def run(
     settings: Settings | None = None,
     kube=None,
     operation: str = "CREATE",
+    namespace: str = "media",
 ):
     """(verdict, object after the verdict's patch) through the same path as the webhook."""
     group, _, version = obj["apiVersion"].rpartition("/")
     handler = dispatch.handler_for(group, version, obj["kind"], operation)
     assert handler is not None, f"no handler for {obj['kind']}"
-    ctx = context(settings, webhook, kube, api_version=obj["apiVersion"])
+    ctx = context(settings, webhook, kube, api_version=obj["apiVersion"], namespace=namespace)
     pristine = copy.deepcopy(obj)
     verdict = dispatch.verdict(obj, handler(obj, ctx), ctx)
     # Rules edit a copy: the request's object is what the patch is computed against.
@@ -265,6 +281,121 @@ def test_thread_rule_respects_its_own_limits():
     assert container(mutated)["args"] == ["-w", "--udp-thread-num=2"]
 
 
+# stunnerd reads command[1:] + args with pflag (webhooks/admission/stunnerd.py): the rule
+# reads them the same way and rewrites every occurrence in its own place and spelling.
+ARGV_CASES = [
+    pytest.param(
+        ["stunnerd", "--udp-thread-num=3"],
+        ["--udp-thread-num=99"],
+        ["stunnerd", "--udp-thread-num=8"],
+        ["--udp-thread-num=8"],
+        id="in-command-and-args-both-rewritten",
+    ),
+    pytest.param(["stunnerd"], ["-wu4"], ["stunnerd"], ["-wu8"], id="cluster-attached"),
+    pytest.param(["stunnerd"], ["-wu", "4"], ["stunnerd"], ["-wu", "8"], id="cluster-next"),
+    pytest.param(["stunnerd"], ["-vwu=4"], ["stunnerd"], ["-vwu=8"], id="cluster-equals"),
+    pytest.param(["stunnerd"], ["-uw"], ["stunnerd"], ["-u8"], id="u-takes-the-rest"),
+    pytest.param(
+        ["stunnerd"],
+        ["-cu4"],
+        ["stunnerd"],
+        ["-cu4", "--udp-thread-num=8"],
+        id="config-value-is-not-a-flag",
+    ),
+    pytest.param(
+        ["stunnerd"],
+        ["--log", "-u", "-w"],
+        ["stunnerd"],
+        ["--log", "-u", "-w", "--udp-thread-num=8"],
+        id="long-flag-value-is-not-a-flag",
+    ),
+    pytest.param(
+        ["stunnerd", "-u"], ["4", "-w"], ["stunnerd", "-u"], ["8", "-w"], id="value-in-args"
+    ),
+    pytest.param(
+        ["stunnerd"],
+        ["-w", "--", "-u", "4"],
+        ["stunnerd"],
+        ["-w", "--udp-thread-num=8", "--", "-u", "4"],
+        id="after-double-dash-positional",
+    ),
+    pytest.param(
+        ["stunnerd", "-w", "-c"],
+        None,
+        ["stunnerd", "-w", "--udp-thread-num=8", "-c"],
+        None,
+        id="not-swallowed-by-a-dangling-flag",
+    ),
+    pytest.param(["stunnerd"], ["-u", "0x8"], ["stunnerd"], ["-u", "0x8"], id="go-int-kept"),
+    pytest.param(
+        ["/sbin/tini", "--", "stunnerd", "-u", "3"],
+        ["-w"],
+        ["/sbin/tini", "--", "stunnerd", "-u", "8"],
+        ["-w"],
+        id="init-wrapper",
+    ),
+    pytest.param(None, ["-w", "-u", "3"], None, ["-w", "-u", "8"], id="image-entrypoint"),
+]
+
+
+@pytest.mark.parametrize(("command", "args", "expected_command", "expected_args"), ARGV_CASES)
+def test_thread_flag_is_set_wherever_stunnerd_reads_it(
+    command, args, expected_command, expected_args
+):
+    pod = stunnerd_pod(command=command, args=args, resources={"limits": {"cpu": "1"}})
+    _, mutated = run(pod)
+    assert container(mutated).get("command") == expected_command
+    assert container(mutated).get("args") == expected_args
+    assert effective_threads(expected_command, expected_args or []) == 8
+
+
+@pytest.mark.parametrize(
+    ("command", "args"),
+    [
+        pytest.param(["sh", "-c", "stunnerd -u 4"], None, id="sh-c"),
+        pytest.param(["/bin/bash", "-ec"], ["exec stunnerd -u 4"], id="bash-script-in-args"),
+        pytest.param(["tini", "--", "/bin/sh", "/run.sh"], None, id="shell-under-tini"),
+        pytest.param(None, ["sh", "-c", "stunnerd -u 4"], id="shell-as-image-cmd"),
+    ],
+)
+def test_a_shell_wrapper_gets_a_warning_instead_of_an_edit(command, args):
+    pod = stunnerd_pod(command=command, args=args, resources={"limits": {"cpu": "1"}})
+    verdict, mutated = run(pod)
+    assert container(mutated).get("command") == command
+    assert container(mutated).get("args") == args
+    (warning,) = [w for w in verdict.warnings if "--udp-thread-num" in w]
+    assert "cannot check --udp-thread-num (want 8)" in warning
+
+
+THREAD_TOKENS = st.sampled_from(
+    ["-w", "-u", "-wu", "-uw", "-u4", "-wu3", "-u=5", "-vu", "--udp-thread-num",
+     "--udp-thread-num=7", "--", "-c", "/c", "-cu4", "--log", "--watch", "--config=/c",
+     "-n", "4", "0x10", "x", "-", "-dwu9"]
+)  # fmt: skip
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(
+    st.one_of(st.none(), st.lists(THREAD_TOKENS, max_size=6).map(lambda t: ["stunnerd", *t])),
+    st.one_of(st.none(), st.lists(THREAD_TOKENS, max_size=6)),
+    st.sampled_from(["100m", "1", "1500m", "2"]),
+)
+def test_stunnerd_reads_the_wanted_thread_count_after_mutation_and_a_second_pass_is_a_no_op(
+    command, args, cpu_limit
+):
+    pod = stunnerd_pod(command=command, args=args, resources={"limits": {"cpu": cpu_limit}})
+    verdict, mutated = run(pod)
+    if command is None and not args:
+        return  # the image's CMD: warned, not edited
+    new_command = container(mutated).get("command")
+    new_args = container(mutated).get("args") or []
+    want = min(16, max(1, int(8 * quantity(cpu_limit))))
+    assert effective_threads(new_command, new_args) == want
+    assert all(go_int(v) == want for v in thread_values(new_command, new_args))
+    again, twice = run(mutated)
+    assert again.patch == [] and twice == mutated
+
+
 # ---------------------------------------------------------------- grace period
 
 
@@ -272,7 +403,8 @@ def test_thread_rule_respects_its_own_limits():
     ("given", "expected"),
     [
         pytest.param(None, 3600, id="unset-default"),
-        pytest.param(30, 600, id="api-default-raised-to-min"),
+        pytest.param(30, 3600, id="api-default-is-unset"),
+        pytest.param(31, 600, id="below-min-raised-to-min"),
         pytest.param(900, 900, id="in-range-kept"),
         pytest.param(20000, 14400, id="above-max-capped"),
     ],
@@ -285,6 +417,71 @@ def test_grace_period_is_kept_in_range(given, expected):
         pod["spec"]["terminationGracePeriodSeconds"] = given
     _, mutated = run(pod)
     assert mutated["spec"]["terminationGracePeriodSeconds"] == expected
+
+
+def _made_stunnerd(review: dict) -> dict:
+    """The object of a real captured review, its one container made a stunnerd one."""
+    obj = copy.deepcopy(review["request"]["object"])
+    spec = obj["spec"]["template"]["spec"] if obj["kind"] == "Deployment" else obj["spec"]
+    spec["containers"][0].update(
+        name="stunnerd", image="docker.io/l7mp/stunnerd:1.2.0", command=["stunnerd"], args=["-w"]
+    )
+    return obj
+
+
+# kubectl apply recorded what the user sent (last-applied-configuration): no grace period;
+# the apiserver's defaulting filled one in before calling the webhook.
+APISERVER_DEFAULTED = [
+    pytest.param(V136 / "001-Pod-CREATE-stunner-hooked-pod.json", ("spec",), id="pod"),
+    pytest.param(
+        V136 / "002-Deployment-CREATE-stunner-hooked-deploy.json",
+        ("spec", "template", "spec"),
+        id="deployment-template",
+    ),
+]
+
+
+@pytest.mark.parametrize(("path", "pod_spec"), APISERVER_DEFAULTED)
+def test_the_apiserver_fills_in_30_where_the_user_set_no_grace_period(path, pod_spec):
+    obj = load_json(path)["request"]["object"]
+    sent = json.loads(obj["metadata"]["annotations"][LAST_APPLIED])
+    assert "terminationGracePeriodSeconds" not in get_in(sent, *pod_spec)
+    assert get_in(obj, *pod_spec)["terminationGracePeriodSeconds"] == API_DEFAULT_GRACE_SECONDS
+
+
+@pytest.mark.parametrize(("path", "pod_spec"), APISERVER_DEFAULTED)
+def test_a_grace_period_the_apiserver_filled_in_gets_the_default_not_the_minimum(path, pod_spec):
+    verdict, mutated = run(_made_stunnerd(load_json(path)))
+    assert get_in(mutated, *pod_spec)["terminationGracePeriodSeconds"] == 3600
+    at = ".".join(pod_spec) + ".terminationGracePeriodSeconds"
+    changes = json.loads(mutated["metadata"]["annotations"][CHANGES_ANNOTATION])
+    assert any(c.startswith(f"{at}: 30 (API default) -> 3600 (gracePeriod") for c in changes)
+    assert f"stunner-guard set {at}=3600, was 30 (API default) (gracePeriod)" in verdict.warnings
+
+
+def test_the_real_operator_pod_review_with_the_api_default_grace_ends_with_the_default():
+    # The captured operator pod carries the Dataplane's 3600; a Dataplane that sets none
+    # still renders 3600, so 30 reaches a stunnerd Pod only from the apiserver's defaulting.
+    review = load_json(POD_REVIEW)
+    assert review["request"]["object"]["spec"]["terminationGracePeriodSeconds"] == 3600
+    pod = copy.deepcopy(review["request"]["object"])
+    pod["spec"]["terminationGracePeriodSeconds"] = API_DEFAULT_GRACE_SECONDS
+    _, mutated = run(pod)
+    assert mutated["spec"]["terminationGracePeriodSeconds"] == 3600
+
+
+def test_a_dataplane_has_no_api_default_so_its_30_is_raised_to_the_minimum():
+    _, dp = run(dataplane(terminationGracePeriodSeconds=30))
+    assert dp["spec"]["terminationGracePeriodSeconds"] == 600
+
+
+def test_a_policy_default_of_30_keeps_30():
+    settings = with_rules(gracePeriod=GracePeriod(default=30, min=10))
+    pod = stunnerd_pod()
+    pod["spec"]["terminationGracePeriodSeconds"] = 30
+    verdict, mutated = run(pod, settings=settings)
+    assert mutated["spec"]["terminationGracePeriodSeconds"] == 30
+    assert not any("terminationGracePeriodSeconds" in w for w in verdict.warnings)
 
 
 def test_grace_period_that_is_not_an_integer_is_denied():
@@ -447,6 +644,36 @@ def test_dataplane_with_operator_default_args_and_two_cores_keeps_args_unset():
         )
     )
     assert "args" not in dp["spec"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        pytest.param(
+            {"command": ["stunnerd", "-u", "3"]},
+            {"command": ["stunnerd", "-u", "8"], "args": ["-w", "--udp-thread-num=8"]},
+            id="command-flag-and-operator-default-args",
+        ),
+        pytest.param(
+            {"command": [], "args": []},
+            {"command": [], "args": ["-w", "--udp-thread-num=8"]},
+            id="empty-lists-are-the-operator-defaults",
+        ),
+        pytest.param(
+            {"args": ["-wu4", "--log-format=text"]},
+            {"args": ["-wu8", "--log-format=text"]},
+            id="cluster",
+        ),
+        pytest.param(
+            {"command": ["sh", "-c", "stunnerd -u 4"]},
+            {"command": ["sh", "-c", "stunnerd -u 4"], "args": None},
+            id="shell-left-alone",
+        ),
+    ],
+)
+def test_dataplane_thread_flag_follows_what_the_operator_renders(spec, expected):
+    _, dp = run(dataplane(resources={"limits": {"cpu": "1"}}, **spec))
+    assert {k: dp["spec"].get(k) for k in expected} == expected
 
 
 def test_v1alpha1_dataplane_has_no_metrics_field_to_set():

@@ -94,7 +94,8 @@ class ListenerThreads(Rule):
 @dataclass(frozen=True)
 class GracePeriod(Rule):
     """``terminationGracePeriodSeconds``: at least the 10-minute TURN allocation lifetime so
-    idle allocations can expire while the pod drains."""
+    idle allocations can expire while the pod drains. ``default`` replaces an unset one,
+    and on Pods and pod templates the apiserver's own default, 30 (policy.py Shaper.grace)."""
 
     default: int = 3600
     min: int = 600

@@ -17,20 +17,29 @@ and on the webhook:
 
 Values that cannot be fixed (a quantity that does not parse) are denied by every webhook.
 Independently of every mode, the guard never emits a request above its limit.
+
+The grace period's "unset" is the apiserver's 30 on Pods and pod templates: its defaulting
+runs before any webhook, so a Pod never arrives without one (``Shaper.grace``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
 from webhooks.admission import stunnerd
 from webhooks.admission.quantities import quantity
+from webhooks.admission.review import MAX_WARNING_CHARS
 from webhooks.settings import Policy, Rule
 
 MUTATE, STRICT, ADVISE = "mutate", "strict", "advise"
 RESOURCES = ("cpu", "memory")
+# What the apiserver writes into every Pod and pod template without a grace period
+# (k8s.io/api core/v1 DefaultTerminationGracePeriodSeconds, applied by SetDefaults_PodSpec
+# before admission; seen in the captured bodies in tests/fixtures/admission/apiserver-v1.36).
+API_DEFAULT_GRACE_SECONDS = 30
 
 
 def format_cores(cores: Decimal) -> str:
@@ -57,6 +66,52 @@ def show(value: Any) -> str:
     return _cut(str(value))
 
 
+@dataclass(frozen=True)
+class Where:
+    """A field as messages name it: ``full`` for the changes annotation and denials, and
+    ``brief`` for a warning that would not fit its 120 characters otherwise: a container by
+    index instead of by name (a name may have 63 characters). ``where + ".x"`` extends
+    both; ``str(where)`` is the full path."""
+
+    full: str
+    brief: str
+
+    def __str__(self) -> str:
+        return self.full
+
+    def __add__(self, suffix: str) -> Where:
+        return Where(self.full + suffix, self.brief + suffix)
+
+
+def as_where(where: Where | str) -> Where:
+    return where if isinstance(where, Where) else Where(where, where)
+
+
+def container_path(prefix: str, index: int, container: dict) -> Where:
+    """``spec.containers[stunner-daemon]``: containers are keyed by name in Kubernetes;
+    briefly ``spec.containers[0]``."""
+    name = container.get("name")
+    full = f"{prefix}[{name if isinstance(name, str) and name else index}]"
+    return Where(full, f"{prefix}[{index}]")
+
+
+Wording = Callable[[str], str]
+
+
+def fitting(where: Where | str, *wordings: Wording) -> str:
+    """The warning to give: the first wording (most detailed first) that fits in
+    MAX_WARNING_CHARS, each tried with the full path and then with the brief one. Only a
+    hostile name or value gets past the last; review.encode cuts that one."""
+    where = as_where(where)
+    paths = dict.fromkeys((where.full, where.brief))
+    return first_that_fits([wording(path) for wording in wordings for path in paths])
+
+
+def first_that_fits(texts: list[str]) -> str:
+    """The first of ``texts`` that fits a warning, else the last (review.encode cuts it)."""
+    return next((text for text in texts if len(text) <= MAX_WARNING_CHARS), texts[-1])
+
+
 @dataclass
 class Shaper:
     policy: Policy
@@ -68,37 +123,67 @@ class Shaper:
 
     # ------------------------------------------------------------------ verdict vocabulary
 
-    def propose(self, name: str, rule: Rule, where: str, before: Any, after: Any, why: str) -> bool:
+    def propose(
+        self, name: str, rule: Rule, where: Where | str, before: Any, after: Any, why: str
+    ) -> bool:
         """A rule wants ``where`` to go from ``before`` to ``after``. True when the caller
-        should apply it to the desired object."""
+        should apply it to the desired object.
+
+        The changes annotation keeps the whole story (full path, before, after, rule and
+        reason); a warning says what changed in words that fit (``fitting``): the reason,
+        then the old value, then the new one are left out only when a long container name
+        or namespace would not leave room for them even with the container by index."""
         if not rule.on:
             return False
+        where = as_where(where)
+        was, now = show(before), show(after)
         if self.how == MUTATE:
             if not rule.enforced:
                 return False
-            self.changes.append(f"{where}: {show(before)} -> {show(after)} ({name}: {why})")
-            self.warnings.append(f"stunner-guard set {where}={show(after)} ({name})")
+            self.changes.append(f"{where.full}: {was} -> {now} ({name}: {why})")
+            wordings = [
+                lambda at: f"stunner-guard set {at}={now} ({name})",
+                lambda at: f"stunner-guard changed {at} ({name})",
+            ]
+            if before is not None:
+                wordings.insert(0, lambda at: f"stunner-guard set {at}={now}, was {was} ({name})")
+            self.say(where, *wordings)
             return True
         if self.how == STRICT and rule.enforced:
             self.denials.append(
-                f"{self.subject}: {where} is {show(before)}: {why}, expected {show(after)} "
+                f"{self.subject}: {where.full} is {was}: {why}, expected {now} "
                 f"(rule {name}, mode enforce)"
             )
         elif self.how == ADVISE and rule.enforced:
             # Applied to the validating webhook's scratch copy only, so that later rules
             # (threads from the capped CPU limit) advise what the pods will really get.
-            self.warnings.append(f"pods will get {where}={show(after)} ({name}: {why})")
+            self.say(
+                where,
+                lambda at: f"pods will get {at}={now} ({name}: {why})",
+                lambda at: f"pods will get {at}={now} ({name})",
+                lambda at: f"pods will get a changed {at} ({name})",
+            )
             return True
         else:
-            self.warnings.append(f"{where} is {show(before)}: {why}, want {show(after)} ({name})")
+            self.say(
+                where,
+                lambda at: f"{at} is {was}: {why}, want {now} ({name})",
+                lambda at: f"{at} is {was}, want {now} ({name})",
+                lambda at: f"{at}: want {now} ({name})",
+                lambda at: f"{at} is off ({name})",
+            )
         return False
 
-    def deny(self, where: str, value: Any, why: str, rule: str) -> None:
+    def say(self, where: Where | str, *wordings: Wording) -> None:
+        """Warn, in the first of ``wordings`` that fits (``fitting``)."""
+        self.warnings.append(fitting(where, *wordings))
+
+    def deny(self, where: Where | str, value: Any, why: str, rule: str) -> None:
         self.denials.append(f"{self.subject}: {where} is {_cut(repr(value))}: {why} (rule {rule})")
 
     # ------------------------------------------------------------------ resources
 
-    def resources(self, container: dict, where: str) -> Decimal | None:
+    def resources(self, container: dict, where: Where | str) -> Decimal | None:
         """Shape requests and limits; return the CPU limit (cores) the pod will run with."""
         p = self.policy
         if not any(
@@ -108,9 +193,10 @@ class Shaper:
         limits = {r: self._one_resource(container, where, r) for r in RESOURCES}
         return limits["cpu"]
 
-    def _one_resource(self, container: dict, where: str, r: str) -> Decimal | None:
+    def _one_resource(self, container: dict, where: Where | str, r: str) -> Decimal | None:
         p = self.policy
-        req_at, lim_at = f"{where}.resources.requests.{r}", f"{where}.resources.limits.{r}"
+        where = as_where(where)
+        req_at, lim_at = where + f".resources.requests.{r}", where + f".resources.limits.{r}"
         req_raw = get_in(container, "resources", "requests", r)
         lim_raw = get_in(container, "resources", "limits", r)
         req, lim = quantity(req_raw), quantity(lim_raw)
@@ -183,78 +269,112 @@ class Shaper:
     def threads(
         self,
         container: dict,
-        where: str,
+        where: Where | str,
         cpu_limit: Decimal | None,
-        default_args: list | None = None,
+        operator_defaults: bool = False,
     ) -> None:
-        """``--udp-thread-num`` = min(max, perCore x CPU limit), at least 1. The flag may sit
-        in ``command[1:]`` or in ``args``; ``default_args`` is what runs when ``args`` is
-        unset (the operator's defaults for a Dataplane; unknown image CMD for a Pod)."""
+        """``--udp-thread-num`` = min(max, perCore x CPU limit), at least 1, wherever stunnerd
+        reads it: ``command[1:]`` then ``args``, the last occurrence winning (stunnerd.py).
+        Every occurrence is rewritten in place, so none is left to override the others.
+        ``operator_defaults``: a Dataplane, whose unset (or empty) command and args the
+        operator renders as ``stunnerd`` and ``-w --udp-thread-num=16``."""
         rule = self.policy.listenerThreads
         if not rule.on:
             return
+        where = as_where(where)
         if cpu_limit is None:
             want = rule.max
         else:
             want = max(1, min(rule.max, int(Decimal(rule.perCore) * cpu_limit)))
         command = container.get("command")
-        command = command if _str_list(command) else None
+        command = command if _str_list(command) and command else None
         args = container.get("args")
         if args is not None and not _str_list(args):
-            self.deny(f"{where}.args", args, "not a list of strings", "listenerThreads")
+            self.deny(where + ".args", args, "not a list of strings", "listenerThreads")
             return
-        if command and stunnerd.thread_values(command[1:]):
-            at, argv, key, head = f"{where}.command", command, "command", 1
-        else:
-            at, key, head = f"{where}.args", "args", 0
-            argv = args if args is not None else default_args
-            if argv is None:
-                if command is None:
-                    # Appending args would replace the image's CMD, whose flags we can't see.
-                    self.warnings.append(
-                        f"{where}: no command/args; cannot check --udp-thread-num (want {want})"
-                    )
-                    return
-                argv = []
-        current = stunnerd.thread_values(argv[head:])
-        if current and all(v == str(want) for v in current):
+        # An empty list is no list: kubelet and the operator both fall back to the default.
+        args = args or None
+        if operator_defaults:
+            command = command or stunnerd.OPERATOR_DEFAULT_COMMAND
+            args = args or stunnerd.OPERATOR_DEFAULT_ARGS
+        if command is None and args is None:
+            # Adding args would replace the image's CMD, whose flags we can't see.
+            self.say(
+                where,
+                lambda at: f"{at}: no command/args; cannot check --udp-thread-num (want {want})",
+            )
             return
+        shell = stunnerd.shell_wrapper(command, args or [])
+        if shell is not None:
+            # Editing a script or appending to a shell's argv would break the container.
+            self.say(
+                where,
+                lambda at: (
+                    f"{at}: stunnerd runs under {shell}; "
+                    f"cannot check --udp-thread-num (want {want})"
+                ),
+            )
+            return
+        current = stunnerd.thread_values(command, args or [])
+        if current and all(stunnerd.go_int(v) == want for v in current):
+            return
+        new_command, new_args = stunnerd.with_threads(command, args or [], want)
+        fields = stunnerd.thread_fields(command, args or []) or [
+            "command" if new_command != command else "args"
+        ]
         now = ",".join(show(v) for v in current) if current else None
         why = (
             f"{rule.perCore}/core x CPU limit {format_cores(cpu_limit)}, max {rule.max}"
             if cpu_limit is not None
             else f"no CPU limit: max {rule.max}"
         )
-        if self.propose("listenerThreads", rule, f"{at} --udp-thread-num", now, want, why):
-            container[key] = argv[:head] + stunnerd.with_threads(argv[head:], want)
+        at = where + f".{'+'.join(fields)} --udp-thread-num"
+        if self.propose("listenerThreads", rule, at, now, want, why):
+            if new_command != command:
+                container["command"] = new_command
+            if new_args != (args or []):
+                container["args"] = new_args
 
     # ------------------------------------------------------------------ grace period
 
-    def grace(self, spec: dict, where: str) -> int | None:
-        """terminationGracePeriodSeconds within min..max; the default where unset."""
+    def grace(self, spec: dict, where: Where | str, pod_spec: bool = True) -> int | None:
+        """terminationGracePeriodSeconds within min..max; the default where unset.
+
+        On a Pod or a pod template (``pod_spec``) the apiserver's defaulting fills in 30
+        (API_DEFAULT_GRACE_SECONDS) before any mutating webhook runs, so "unset" never
+        arrives there: 30 is read as unset and gets the default, not just the minimum.
+        Nothing tells an explicit 30 from the filled-in one; with the default minimum
+        (600) an explicit 30 would be raised anyway, so only the value it ends at differs
+        (the default, 3600, instead of the minimum). A Dataplane is a CRD without that
+        defaulting: its 30 is the user's, and is moved into range like any other value."""
         rule = self.policy.gracePeriod
-        at = f"{where}.terminationGracePeriodSeconds"
+        at = as_where(where) + ".terminationGracePeriodSeconds"
         value = spec.get("terminationGracePeriodSeconds")
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             self.deny(at, value, "not an integer number of seconds", "gracePeriod")
             return None
-        want = None
+        want, before = None, value
         if value is None:
             want, why = rule.default, "unset"
+        elif pod_spec and value == API_DEFAULT_GRACE_SECONDS and value != rule.default:
+            want, why = rule.default, "the apiserver's default, read as unset"
+            before = f"{value} (API default)"
         elif value < rule.min:
             want, why = rule.min, f"below {rule.min}s: idle TURN allocations live 10 min"
         elif value > rule.max:
             want, why = rule.max, f"above the {rule.max}s maximum"
-        if want is not None and self.propose("gracePeriod", rule, at, value, want, why):
+        if want is not None and self.propose("gracePeriod", rule, at, before, want, why):
             spec["terminationGracePeriodSeconds"] = want
             return want
         return value
 
     # ------------------------------------------------------------------ whole container
 
-    def container(self, container: dict, where: str, default_args: list | None = None) -> None:
+    def container(
+        self, container: dict, where: Where | str, operator_defaults: bool = False
+    ) -> None:
         cpu_limit = self.resources(container, where)
-        self.threads(container, where, cpu_limit, default_args)
+        self.threads(container, where, cpu_limit, operator_defaults)
 
 
 # ---------------------------------------------------------------------- dict helpers

@@ -31,6 +31,7 @@ KIND = "AdmissionReview"
 # conventions ask for at most 120 characters each.
 MAX_WARNING_CHARS = 120
 MAX_WARNINGS = 20
+ELLIPSIS = "..."
 
 
 class BadReview(Exception):
@@ -210,10 +211,17 @@ def parse(body: bytes, limit: int) -> Request:
 
 
 def _fit(warning: str) -> str:
+    """The last resort for a warning over MAX_WARNING_CHARS: the rules word theirs to fit
+    (policy.py ``fitting``), so only a hostile name or value gets here. Cut at a word
+    boundary, with an ellipsis."""
     warning = " ".join(warning.split())
     if len(warning) <= MAX_WARNING_CHARS:
         return warning
-    return warning[: MAX_WARNING_CHARS - 3] + "..."
+    cut = warning[: MAX_WARNING_CHARS - len(ELLIPSIS) + 1]
+    space = cut.rfind(" ")
+    # One long word (a hostile name) has no boundary worth keeping: cut inside it.
+    cut = cut[:space] if space >= MAX_WARNING_CHARS // 2 else cut[:-1]
+    return cut.rstrip(" ,;:") + ELLIPSIS
 
 
 def encode(uid: str, verdict: Verdict, mutating: bool) -> dict:

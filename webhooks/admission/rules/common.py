@@ -98,9 +98,3 @@ def finish(desired: dict, shaper: Shaper, ctx: Context) -> Outcome:
         warnings=shaper.warnings,
         denials=shaper.denials,
     )
-
-
-def container_path(prefix: str, index: int, container: dict) -> str:
-    """``spec.containers[stunner-daemon]``: containers are keyed by name in Kubernetes."""
-    name = container.get("name")
-    return f"{prefix}[{name if isinstance(name, str) and name else index}]"

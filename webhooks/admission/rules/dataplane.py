@@ -4,7 +4,6 @@ operator renders stunnerd Deployments from, so the right place to shape them
 
 from __future__ import annotations
 
-from webhooks.admission import stunnerd
 from webhooks.admission.outcome import Context, Outcome
 from webhooks.admission.rules.common import copy_for_edit, finish, shaper_for
 
@@ -17,9 +16,10 @@ def review(obj: dict, ctx: Context) -> Outcome:
     spec = desired.get("spec") if isinstance(desired.get("spec"), dict) else {}
     shaper = shaper_for(ctx)
     policy = ctx.settings.policy
-    # With spec.args unset the operator renders its own defaults: that is what runs.
-    shaper.container(spec, "spec", default_args=stunnerd.OPERATOR_DEFAULT_ARGS)
-    shaper.grace(spec, "spec")
+    # With spec.command/args unset the operator renders its own defaults: that is what runs.
+    shaper.container(spec, "spec", operator_defaults=True)
+    # A CRD: no apiserver defaulting, so a 30 here is the user's own.
+    shaper.grace(spec, "spec", pod_spec=False)
     if ctx.api_version in METRICS_VERSIONS and spec.get("enableMetricsEndpoint") is not True:
         if shaper.propose(
             "metricsEndpoint",

@@ -12,13 +12,8 @@ from __future__ import annotations
 
 from webhooks.admission import stunnerd
 from webhooks.admission.outcome import Context, Outcome
-from webhooks.admission.policy import ADVISE, get_in
-from webhooks.admission.rules.common import (
-    container_path,
-    copy_for_edit,
-    finish,
-    shaper_for,
-)
+from webhooks.admission.policy import ADVISE, container_path, get_in
+from webhooks.admission.rules.common import copy_for_edit, finish, shaper_for
 from webhooks.names import OPERATOR_OWNED_LABEL, OPERATOR_OWNED_VALUE
 
 TEMPLATE = "spec.template.spec"

@@ -14,15 +14,26 @@ kubectl apply on an outage.
 
 from __future__ import annotations
 
+import logging
 from decimal import Decimal
 from typing import Any
 
 from webhooks.admission import stunnerd
 from webhooks.admission.outcome import Context, Outcome
-from webhooks.admission.policy import MUTATE, Shaper, format_cores, get_in, quantity
-from webhooks.admission.rules.common import container_path, copy_tree
+from webhooks.admission.policy import (
+    MUTATE,
+    Shaper,
+    container_path,
+    first_that_fits,
+    format_cores,
+    get_in,
+    quantity,
+)
+from webhooks.admission.rules.common import copy_tree
 from webhooks.admission.rules.deployment import operator_owned, template_spec
 from webhooks.kube import KubeUnavailable
+
+log = logging.getLogger(__name__)
 
 
 def review(obj: dict, ctx: Context) -> Outcome:
@@ -42,7 +53,7 @@ def review(obj: dict, ctx: Context) -> Outcome:
         ctx,
         outcome,
         lambda kube: kube.read_deployment(ctx.namespace, name),
-        f"Deployment {ctx.namespace}/{name}",
+        (f"Deployment {ctx.namespace}/{name}", f"Deployment {name}", "the target Deployment"),
         "HPA feasibility not checked",
     )
     if deployment is None:
@@ -58,20 +69,41 @@ def review(obj: dict, ctx: Context) -> Outcome:
 
 
 def _read(
-    ctx: Context, outcome: Outcome, read, what: str, if_missing: str | None = None
+    ctx: Context,
+    outcome: Outcome,
+    read,
+    names: tuple[str, ...],
+    if_missing: str | None = None,
 ) -> dict | None:
+    """``read(kube)``, or None with a warning. ``names``: the object, from its fullest name
+    to its briefest, so that the warning fits however long the names are."""
     if ctx.kube is None:
-        outcome.warnings.append(f"stunner-guard has no Kubernetes API access; {what} not checked")
+        outcome.warnings.append(
+            first_that_fits(
+                [f"stunner-guard has no Kubernetes API access; {n} not checked" for n in names]
+            )
+        )
         ctx.on_kube_unreachable()
         return None
     try:
         found = read(ctx.kube)
     except KubeUnavailable as err:
-        outcome.warnings.append(f"stunner-guard could not read {what} ({err}); not checked")
+        log.warning("could not read %s: %s", names[0], err)
+        # "API unreachable: MaxRetryError: ..." is "API unreachable" when it is too long.
+        reasons = dict.fromkeys((str(err), str(err).split(":", 1)[0]))
+        outcome.warnings.append(
+            first_that_fits(
+                [
+                    f"stunner-guard could not read {n} ({reason}); not checked"
+                    for reason in reasons
+                    for n in names
+                ]
+            )
+        )
         ctx.on_kube_unreachable()
         return None
     if found is None and if_missing:
-        outcome.warnings.append(f"{what} not found; {if_missing}")
+        outcome.warnings.append(first_that_fits([f"{n} not found; {if_missing}" for n in names]))
     return found
 
 
@@ -154,7 +186,9 @@ def _check_feasibility(
 def _check_dataplane_replicas(ctx: Context, outcome: Outcome) -> None:
     rule = ctx.settings.policy.hpaReplicas
     name = ctx.settings.dataplaneName
-    dataplane = _read(ctx, outcome, lambda kube: kube.read_dataplane(name), f"Dataplane {name}")
+    dataplane = _read(
+        ctx, outcome, lambda kube: kube.read_dataplane(name), (f"Dataplane {name}", "the Dataplane")
+    )
     replicas = get_in(dataplane, "spec", "replicas")
     if replicas is None or replicas == 1:
         return

@@ -13,9 +13,8 @@ import secrets
 
 from webhooks.admission import stunnerd
 from webhooks.admission.outcome import Context, Outcome
-from webhooks.admission.policy import Shaper, get_in
+from webhooks.admission.policy import Shaper, container_path, get_in
 from webhooks.admission.rules.common import (
-    container_path,
     copy_containers_for_edit,
     copy_for_edit,
     finish,
@@ -65,7 +64,9 @@ def inject_drain_hook(pod: dict, ctx: Context, shaper: Shaper) -> None:
             needing.append((where, container))
         elif not is_drain_hook(pre_stop, ctx.namespace):
             # The user's hook wins; drain then relies on stunnerd's own SIGTERM drain.
-            shaper.warnings.append(f"{where}: your preStop is kept, so stunner-guard drain is off")
+            shaper.say(
+                where, lambda at: f"{at}: your preStop is kept, so stunner-guard drain is off"
+            )
             metadata_map(pod, "annotations")[DRAIN_ANNOTATION] = f"off: {where} is the user's own"
     if not needing:
         return
