@@ -29,7 +29,8 @@ def gunicorn(
     home: Path | None = None,
     ready_within: float = 15.0,
 ):
-    """Start gunicorn over TLS on a free loopback port; yield (base URL, process).
+    """Start gunicorn over TLS on a free loopback port; yield (base URL, process); the
+    process's ``log`` attribute is the path of its log file.
 
     The environment is the caller's plus ``env``; no KUBECONFIG unless given, and HOME is
     a scratch folder so a developer's ~/.kube/config is never picked up."""
@@ -43,22 +44,23 @@ def gunicorn(
         HOME=str(home or certs),
     )
     full_env.update(env or {})
-    process = subprocess.Popen(
-        [str(GUNICORN), "--config", "gunicorn.conf.py"],
-        cwd=REPO,
-        env=full_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    # The server's log goes to a file: a pipe nobody reads would block the server once full.
+    log = Path(full_env["HOME"]) / f"gunicorn-{port}.log"
+    with log.open("w") as log_file:
+        process = subprocess.Popen(
+            [str(GUNICORN), "--config", "gunicorn.conf.py"],
+            cwd=REPO,
+            env=full_env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    process.log = log
     base = f"https://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + ready_within
         while True:
             if process.poll() is not None:
-                raise RuntimeError(
-                    f"gunicorn exited {process.returncode}:\n{process.stdout.read()}"
-                )
+                raise RuntimeError(f"gunicorn exited {process.returncode}:\n{log.read_text()}")
             try:
                 if requests.get(f"{base}/healthz", verify=str(certs / "ca.crt"), timeout=1).ok:
                     break
@@ -75,5 +77,3 @@ def gunicorn(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-        if process.stdout:
-            process.stdout.close()

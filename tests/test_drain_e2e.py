@@ -52,8 +52,9 @@ class Guard:
     """gunicorn with a drain policy, a kubeconfig for the stand-in API, and a fleet of
     fake stunnerd pods on 127.0.0.x sharing one metrics port."""
 
-    def __init__(self, api, fleet, base, port) -> None:
+    def __init__(self, api, fleet, base, port, process) -> None:
         self.api, self.fleet, self.base, self.port = api, fleet, base, port
+        self.process = process  # the gunicorn master
 
     def terminating_pod(self, i: int, allocations: int = 1):
         ip = f"127.0.1.{i + 1}"
@@ -91,8 +92,8 @@ def guard(request, dev_certs, tmp_path):
             "KUBECONFIG": str(api.write_kubeconfig(tmp_path / "kubeconfig")),
             **extra_env,
         }
-        with gunicorn(dev_certs, env, home=tmp_path) as (base, _process):
-            yield Guard(api, fleet, base, port)
+        with gunicorn(dev_certs, env, home=tmp_path) as (base, process):
+            yield Guard(api, fleet, base, port, process)
 
 
 @pytest.mark.parametrize("guard", [{"GUNICORN_TIMEOUT": "1"}], indirect=True)
