@@ -1,15 +1,22 @@
-"""The metrics the alert rules and the dashboard need: the notAfter of the serving
-certificate and its CA (read again when kubelet updates the Secret), the drain's held calls
-and capacity, its pod watch state, the allocations left at a deadline, every drain outcome
-from zero, and readiness."""
+"""The metrics the alert rules and the dashboard need, and the alert rules
+(charts/stunner-guard/files/prometheus-rules.yaml).
+
+The rules are checked by Prometheus' own promtool (Debian package `prometheus`; `.ci/run`
+installs it): `promtool check rules` parses them, `promtool test rules` runs
+tests/prometheus/*.test.yaml, which feed series and say when each alert fires and when it
+stays quiet. Tests that need promtool fail without it (conftest.py).
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -21,9 +28,25 @@ from webhooks.metrics import Metrics
 from webhooks.settings import Settings, from_env
 
 REPO = Path(__file__).resolve().parent.parent
+FILES = REPO / "charts" / "stunner-guard" / "files"
+RULES = FILES / "prometheus-rules.yaml"
+RULE_TESTS = sorted((Path(__file__).parent / "prometheus").glob("*.test.yaml"))
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def run_promtool(promtool: str, *args: str | Path, cwd: Path | None = None):
+    """promtool's answer; its stdout and stderr in one stream, in the order written (it
+    reports a file on one and that file's failures on the other)."""
+    return subprocess.run(
+        [promtool, *map(str, args)],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=60,
+    )
 
 
 def samples(page: str) -> dict[tuple[str, frozenset], float]:
@@ -33,6 +56,14 @@ def samples(page: str) -> dict[tuple[str, frozenset], float]:
         for family in text_string_to_metric_families(page)
         for s in family.samples
     }
+
+
+def rules_document() -> dict:
+    return yaml.safe_load(RULES.read_text())
+
+
+def alerts() -> dict[str, dict]:
+    return {r["alert"]: r for g in rules_document()["groups"] for r in g["rules"]}
 
 
 # --------------------------------------------------------------------------- certificates
@@ -274,4 +305,72 @@ def test_ready_mirrors_readyz(client):
 # --------------------------------------------------------------------------- alert rules
 
 
-# --------------------------------------------------------------------------- dashboard
+def test_promtool_accepts_the_rules_file(promtool):
+    result = run_promtool(promtool, "check", "rules", RULES)
+    assert result.returncode == 0, result.stdout
+    assert f"SUCCESS: {len(alerts())} rules found" in result.stdout
+
+
+@pytest.mark.parametrize("tests_file", RULE_TESTS, ids=lambda p: p.name)
+def test_promtool_rule_unit_tests_pass(promtool, tests_file):
+    result = run_promtool(promtool, "test", "rules", tests_file.name, cwd=tests_file.parent)
+    assert result.returncode == 0, result.stdout
+    assert "SUCCESS" in result.stdout
+
+
+def _alert_tests() -> dict[str, list[tuple[Path, bool]]]:
+    """alert -> [(test file, whether that check expects it firing)]."""
+    found: dict[str, list[tuple[Path, bool]]] = {}
+    for path in RULE_TESTS:
+        for case in yaml.safe_load(path.read_text())["tests"]:
+            for check in case.get("alert_rule_test", []):
+                found.setdefault(check["alertname"], []).append(
+                    (path, bool(check.get("exp_alerts")))
+                )
+    return found
+
+
+def test_one_unit_test_file_per_alert_group_and_every_alert_fires_and_stays_quiet():
+    groups = {g["name"] for g in rules_document()["groups"]}
+    assert {f"stunner-guard-{p.name.removesuffix('.test.yaml')}" for p in RULE_TESTS} == groups
+    tested = _alert_tests()
+    assert set(tested) == set(alerts())
+    for alert, checks in tested.items():
+        assert any(firing for _, firing in checks), f"{alert} is never expected to fire"
+        assert any(not firing for _, firing in checks), f"{alert} is never expected quiet"
+
+
+@pytest.mark.parametrize("broken", ["never fires", "always fires"])
+def test_the_unit_tests_catch_every_alert_that_misbehaves(promtool, tmp_path, broken):
+    """Each alert's expression swapped for one that never (or always) fires must fail its
+    group's unit tests: the tests pin down every alert, both ways."""
+    tested = _alert_tests()
+    test_files = {}
+    for alert in sorted(alerts()):
+        work = tmp_path / alert
+        work.mkdir()
+        document = rules_document()
+        for group in document["groups"]:
+            for rule in group["rules"]:
+                if rule.get("alert") == alert:
+                    rule["expr"] = "vector(1)" if broken == "always fires" else "vector(0) > 1"
+        (work / "rules.yaml").write_text(yaml.safe_dump(document))
+        (path,) = {p for p, _ in tested[alert]}
+        test_doc = yaml.safe_load(path.read_text())
+        test_doc["rule_files"] = ["rules.yaml"]
+        test_files[alert] = work / path.name
+        test_files[alert].write_text(yaml.safe_dump(test_doc))
+    # One promtool run for them all; it reports each file under "Unit Testing:  <file>".
+    report = run_promtool(promtool, "test", "rules", *test_files.values()).stdout
+    verdicts = dict(re.findall(r"Unit Testing:\s+(\S+)\s*\n\s*(SUCCESS|FAILED)", report))
+    assert {alert: verdicts.get(str(path)) for alert, path in test_files.items()} == {
+        alert: "FAILED" for alert in test_files
+    }, report
+
+
+def test_every_alert_has_a_severity_a_summary_and_a_description():
+    for name, rule in alerts().items():
+        assert re.fullmatch(r"StunnerGuard[A-Z]\w+", name), name
+        assert rule["labels"]["severity"] in {"warning", "critical"}, name
+        assert set(rule["annotations"]) == {"summary", "description"}, name
+        assert len(rule["annotations"]["description"]) > 80, name
