@@ -14,7 +14,7 @@ PROMTOOL ?= $(shell command -v promtool)
 PROMETHEUS ?= $(shell command -v prometheus)
 export PROMTOOL PROMETHEUS
 
-.PHONY: help install certs run test test-fast lint bench clean prometheus-tools
+.PHONY: help install certs run test test-fast lint bench dashboard clean prometheus-tools
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -54,6 +54,9 @@ lint: $(BIN)/.installed ## ruff
 
 bench: certs ## load benchmarks against the real server; prints the figures
 	$(BIN)/python -m bench
+
+dashboard: $(BIN)/.installed ## regenerate the Grafana dashboard JSON from observability/dashboard.py
+	$(BIN)/python -m observability.dashboard
 
 clean: ## remove the venv and caches (certs stay)
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

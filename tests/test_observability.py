@@ -1,28 +1,37 @@
-"""The metrics the alert rules and the dashboard need, and the alert rules
-(charts/stunner-guard/files/prometheus-rules.yaml).
+"""The observability pack: certificate metrics, the drain's capacity, watch and deadline
+metrics, the alert rules (charts/stunner-guard/files/prometheus-rules.yaml) and the Grafana
+dashboard (charts/stunner-guard/files/grafana-dashboard.json).
 
-The rules are checked by Prometheus' own promtool (Debian package `prometheus`; `.ci/run`
-installs it): `promtool check rules` parses them, `promtool test rules` runs
-tests/prometheus/*.test.yaml, which feed series and say when each alert fires and when it
-stays quiet. Tests that need promtool fail without it (conftest.py).
+The rules and every dashboard query are checked by Prometheus' own promtool (Debian package
+`prometheus`; `.ci/run` installs it): `promtool check rules` parses them, `promtool test
+rules` runs tests/prometheus/*.test.yaml, which feed series and say when each alert fires
+and when it stays quiet. The metric names they use are read with promql-parser (a PromQL
+parser, for walking the expressions; promtool has no command that lists them) and must be
+on the guard's real /metrics page or in APISERVER_METRICS.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
+import promql_parser
 import pytest
 import yaml
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
 from app import create_app
-from tests.test_drain import NS, api, calls, cluster  # noqa: F401  (fixtures)
+from observability import dashboard
+from tests.conftest import POD_REVIEW, load_json
+from tests.test_drain import FAST, NS, api, calls, cluster  # noqa: F401  (fixtures)
 from webhooks import certs
+from webhooks.kube import Kube
 from webhooks.lifecycle.drain import STATUS, Drainer
 from webhooks.metrics import Metrics
 from webhooks.settings import Settings, from_env
@@ -30,7 +39,38 @@ from webhooks.settings import Settings, from_env
 REPO = Path(__file__).resolve().parent.parent
 FILES = REPO / "charts" / "stunner-guard" / "files"
 RULES = FILES / "prometheus-rules.yaml"
+DASHBOARD = FILES / "grafana-dashboard.json"
 RULE_TESTS = sorted((Path(__file__).parent / "prometheus").glob("*.test.yaml"))
+
+# The kube-apiserver's admission metrics, as it exposes them: k8s.io/apiserver
+# pkg/admission/metrics/metrics.go (namespace "apiserver", subsystem "admission"; component-base
+# metrics add no _total suffix, so the *_count counters keep their names). Histograms expose
+# _bucket, _sum and _count; the step summary exposes its name, _sum and _count.
+APISERVER_METRICS = frozenset(
+    [
+        f"apiserver_admission_{name}{suffix}"
+        for name in (
+            "step_admission_duration_seconds",
+            "controller_admission_duration_seconds",
+            "webhook_admission_duration_seconds",
+            "match_condition_evaluation_seconds",
+        )
+        for suffix in ("_bucket", "_sum", "_count")
+    ]
+    + [
+        f"apiserver_admission_step_admission_duration_seconds_summary{suffix}"
+        for suffix in ("", "_sum", "_count")
+    ]
+    + [
+        "apiserver_admission_webhook_rejection_count",
+        "apiserver_admission_webhook_fail_open_count",
+        "apiserver_admission_webhook_request_total",
+        "apiserver_admission_match_condition_evaluation_errors_total",
+        "apiserver_admission_match_condition_exclusions_total",
+    ]
+)
+# Prometheus writes `up` for every target it scrapes.
+PROMETHEUS_METRICS = frozenset(["up"])
 
 
 # --------------------------------------------------------------------------- helpers
@@ -58,12 +98,53 @@ def samples(page: str) -> dict[tuple[str, frozenset], float]:
     }
 
 
+def sample_names(page: str) -> set[str]:
+    return {name for name, _ in samples(page)}
+
+
 def rules_document() -> dict:
     return yaml.safe_load(RULES.read_text())
 
 
 def alerts() -> dict[str, dict]:
     return {r["alert"]: r for g in rules_document()["groups"] for r in g["rules"]}
+
+
+# Grafana's own variables are not PromQL: give them a duration for parsing.
+GRAFANA_VARIABLES = re.compile(r"\$__(rate_interval|interval|range)\b")
+
+
+def dashboard_queries() -> list[str]:
+    def panels(nodes):
+        for node in nodes:
+            yield node
+            yield from panels(node.get("panels", []))
+
+    found = [
+        target["expr"]
+        for panel in panels(json.loads(DASHBOARD.read_text())["panels"])
+        for target in panel.get("targets", [])
+    ]
+    assert found, "the dashboard has no queries"
+    return found
+
+
+def as_promql(expr: str) -> str:
+    promql = GRAFANA_VARIABLES.sub("5m", expr)
+    assert "$" not in promql, f"a dashboard variable PromQL cannot parse: {expr}"
+    return promql
+
+
+def metric_names(expr: str) -> set[str]:
+    names: set[str] = set()
+
+    def visit(node) -> None:
+        if isinstance(node, promql_parser.VectorSelector):
+            assert node.name, f"a selector without a metric name cannot be checked: {expr}"
+            names.add(node.name)
+
+    promql_parser.walk(promql_parser.parse(expr), visit)
+    return names
 
 
 # --------------------------------------------------------------------------- certificates
@@ -374,3 +455,138 @@ def test_every_alert_has_a_severity_a_summary_and_a_description():
         assert rule["labels"]["severity"] in {"warning", "critical"}, name
         assert set(rule["annotations"]) == {"summary", "description"}, name
         assert len(rule["annotations"]["description"]) > 80, name
+
+
+def test_rules_and_dashboard_select_exactly_the_charts_webhooks():
+    """The apiserver's metrics are filtered by webhook name; the chart's names must match
+    and nothing else must."""
+    from tests.test_chart import _render_mode, webhooks_of
+
+    names = [hook["name"] for _, hook in webhooks_of(_render_mode("defaults"))]
+    selectors = set()
+    for expr in [r["expr"] for r in alerts().values()] + dashboard_queries():
+        for match in re.finditer(r'name=~"([^"]+)"', expr):
+            selectors.add(match.group(1))
+    (regex,) = selectors
+    pattern = re.compile(regex.encode().decode("unicode_escape"))
+    assert all(pattern.fullmatch(name) for name in names), names
+    for other in ("validate.kyverno.svc-fail", "stunner-guard.l7mp.io", "x.stunner-guardXl7mp.io"):
+        assert not pattern.fullmatch(other), other
+
+
+# --------------------------------------------------------------------------- dashboard
+
+
+def test_the_dashboard_file_is_what_its_generator_writes():
+    assert DASHBOARD.read_text() == dashboard.render(), "run make dashboard"
+
+
+def test_every_dashboard_query_parses_with_promtool(promtool, tmp_path):
+    queries = dashboard_queries()
+    wrapped = {
+        "groups": [
+            {
+                "name": "dashboard-queries",
+                "rules": [
+                    {"alert": f"DashboardQuery{n}", "expr": as_promql(q)}
+                    for n, q in enumerate(queries)
+                ],
+            }
+        ]
+    }
+    path = tmp_path / "dashboard-queries.yaml"
+    path.write_text(yaml.safe_dump(wrapped))
+    result = run_promtool(promtool, "check", "rules", path)
+    assert result.returncode == 0, result.stdout
+    assert f"SUCCESS: {len(queries)} rules found" in result.stdout
+    # ... and the check has teeth.
+    path.write_text(
+        yaml.safe_dump(
+            {"groups": [{"name": "x", "rules": [{"alert": "X", "expr": "sum by (le (x)"}]}]}
+        )
+    )
+    assert run_promtool(promtool, "check", "rules", path).returncode != 0
+
+
+@pytest.fixture
+def busy_guard_page(cluster, calls) -> str:  # noqa: F811
+    """/metrics of a guard that has reviewed, refused a body and drained a pod: every family
+    has samples, so the page shows every sample name the guard exports."""
+    pod = cluster.pod("udp-gateway-abc", allocations=0)
+    settings = Settings(drain=replace(FAST, metricsPort=cluster.port), drainHost="10.96.0.10")
+    app = create_app(settings, kube=Kube.for_host(cluster.api.url, timeout=1.0))
+    service = app.extensions["stunner_guard"]
+    try:
+        client = app.test_client()
+        review = load_json(POD_REVIEW)
+        assert client.post("/mutate", json=review).status_code == 200
+        assert client.post("/validate", json=review).status_code == 200
+        assert client.post("/mutate", data=b"{").status_code == 400
+        answer = client.get(f"/drain/{NS}/{pod.token}")
+        assert answer.json["outcome"] == "drained"
+        return client.get("/metrics").text
+    finally:
+        service.close()
+
+
+def test_dashboard_and_rules_name_only_metrics_the_guard_or_the_apiserver_exports(
+    busy_guard_page,
+):
+    guard = sample_names(busy_guard_page)
+    known = guard | APISERVER_METRICS | PROMETHEUS_METRICS
+    used: dict[str, set[str]] = {}
+    for expr in [r["expr"] for r in alerts().values()]:
+        for name in metric_names(expr):
+            used.setdefault(name, set()).add("rules")
+    for query in dashboard_queries():
+        for name in metric_names(as_promql(query)):
+            used.setdefault(name, set()).add("dashboard")
+    assert {n: w for n, w in used.items() if n not in known} == {}
+    # The page is the guard's real one: it would show a renamed metric.
+    assert "stunner_guard_admission_requests_total" in guard
+    assert "stunner_guard_pod_watch_connected" in guard
+    # Every family the guard exports has a place on the dashboard.
+    families = {
+        f.name
+        for f in text_string_to_metric_families(busy_guard_page)
+        if not f.name.endswith("_created")  # prometheus_client's creation times
+    }
+    shown = {n for n, where in used.items() if "dashboard" in where}
+    unshown = {
+        family
+        for family in families
+        if not any(
+            name == family or name.removeprefix(family) in ("_total", "_bucket", "_sum", "_count")
+            for name in shown
+        )
+    }
+    assert unshown == set()
+
+
+def test_metric_names_are_read_from_the_parsed_query_not_its_text():
+    expr = (
+        'sum by (le) (rate(a_bucket{job="x", name=~"b.+"}[5m])) > on() group_left '
+        'scalar(c) or absent(up{job="y"} == 1)  # d_total'
+    )
+    assert metric_names(expr) == {"a_bucket", "c", "up"}
+    with pytest.raises(AssertionError, match="without a metric name"):
+        metric_names('{__name__=~"stunner_guard_.+"}')
+
+
+def test_a_grafana_variable_left_in_a_query_is_reported():
+    with pytest.raises(AssertionError, match="variable"):
+        as_promql("rate(x[$interval])")
+    assert as_promql("increase(x[$__range])") == "increase(x[5m])"
+
+
+def test_the_dashboard_uses_its_datasource_variable_everywhere():
+    model = json.loads(DASHBOARD.read_text())
+    (variable,) = model["templating"]["list"]
+    assert (variable["type"], variable["query"]) == ("datasource", "prometheus")
+    for panel in model["panels"]:
+        if panel["type"] != "row":
+            assert panel["datasource"] == {"type": "prometheus", "uid": f"${{{variable['name']}}}"}
+            refs = [t["refId"] for t in panel["targets"]]
+            assert len(set(refs)) == len(refs) and all(refs), panel["title"]
+    ids = [p["id"] for p in model["panels"]]
+    assert len(set(ids)) == len(ids)
