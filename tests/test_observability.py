@@ -358,11 +358,13 @@ def test_held_calls_capacity_and_the_pod_watch_state_are_exported(cluster, calls
 
 
 def test_a_deadline_drain_records_the_allocations_it_left(cluster, calls):  # noqa: F811
-    cut = cluster.pod("udp-gateway-cut", allocations=7, grace=2)
     drained = cluster.pod("udp-gateway-empty", allocations=0)
     drainer = cluster.drainer()
     assert drainer.drain(NS, drained.token).outcome == "drained"
-    assert drainer.drain(NS, cut.token).outcome == "deadline"
+    cut = cluster.pod("udp-gateway-cut", allocations=7, grace=3)
+    call = calls.submit(drainer.drain, NS, cut.token)
+    assert cluster.held(drainer, cut, 7)  # read before the deadline
+    assert call.result(timeout=5).outcome == "deadline"
     registry = drainer.metrics.registry
     assert registry.get_sample_value("stunner_guard_drain_allocations_left_count") == 1
     assert registry.get_sample_value("stunner_guard_drain_allocations_left_sum") == 7
