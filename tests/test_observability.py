@@ -592,3 +592,133 @@ def test_the_dashboard_uses_its_datasource_variable_everywhere():
             assert len(set(refs)) == len(refs) and all(refs), panel["title"]
     ids = [p["id"] for p in model["panels"]]
     assert len(set(ids)) == len(ids)
+
+
+def test_the_only_job_the_rules_and_dashboard_name_is_the_one_the_chart_rewrites():
+    # The chart rewrites exactly up{job="stunner-guard"} to its own job name: any other
+    # job selector would be left behind.
+    for path, quote in ((RULES, '"'), (DASHBOARD, '\\"')):
+        text = path.read_text()
+        exact = f"up{{job={quote}stunner-guard{quote}}}"
+        assert text.count("job=") == text.count(exact) > 0, path.name
+
+
+def test_the_charts_rules_fire_at_the_thresholds_and_job_its_values_set(promtool, tmp_path):
+    """The PrometheusRule rendered with other thresholds and chart name, run by promtool:
+    what fires at the file's defaults now stays quiet, and the other way round."""
+    from tests.test_chart import render
+
+    rendered = render(
+        {
+            "nameOverride": "guard",
+            "prometheusRule": {
+                "enabled": True,
+                "thresholds": {
+                    "admissionP99Seconds": 1.5,
+                    "drainCapacityRatio": 0.95,
+                    "certificateWarningDays": 45,
+                    "certificateCriticalDays": 25,
+                },
+            },
+        }
+    )
+    (tmp_path / "rules.yaml").write_text(
+        yaml.safe_dump({"groups": rendered.one("PrometheusRule")["spec"]["groups"]})
+    )
+    guard = 'job="guard", instance="10.0.0.1:8443"'
+    latency = "stunner_guard_admission_duration_seconds_bucket"
+    unit_tests = {
+        "rule_files": ["rules.yaml"],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    # p99 0.995 s: above the default 0.5, below 1.5
+                    {
+                        "series": f'{latency}{{{guard}, webhook="mutate", le="0.5"}}',
+                        "values": "0x40",
+                    },
+                    {
+                        "series": f'{latency}{{{guard}, webhook="mutate", le="1.0"}}',
+                        "values": "0+100x40",
+                    },
+                    {
+                        "series": f'{latency}{{{guard}, webhook="mutate", le="+Inf"}}',
+                        "values": "0+100x40",
+                    },
+                    # 90% of the drain capacity: above the default 0.8, below 0.95
+                    {"series": f"stunner_guard_drain_calls_held{{{guard}}}", "values": "900x40"},
+                    {"series": f"stunner_guard_drain_capacity{{{guard}}}", "values": "1000x40"},
+                    # 40 days left: quiet at the default 30, a warning at 45, not critical at 25
+                    {
+                        "series": f'stunner_guard_certificate_expiry_timestamp_seconds{{{guard}, certificate="serving"}}',
+                        "values": "3456000x40",
+                    },
+                    # the chart's job is "guard"; "stunner-guard" is some other scrape
+                    {"series": f"up{{{guard}}}", "values": "0x40"},
+                    {
+                        "series": 'up{job="stunner-guard", instance="10.0.0.9:8443"}',
+                        "values": "0x40",
+                    },
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "30m", "alertname": "StunnerGuardAdmissionSlow"},
+                    {"eval_time": "30m", "alertname": "StunnerGuardDrainCapacityNearlyFull"},
+                    {"eval_time": "30m", "alertname": "StunnerGuardCertificateExpiring"},
+                    {
+                        "eval_time": "30m",
+                        "alertname": "StunnerGuardCertificateExpiringSoon",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {
+                                    "severity": "warning",
+                                    "job": "guard",
+                                    "certificate": "serving",
+                                },
+                                "exp_annotations": alerts()["StunnerGuardCertificateExpiringSoon"][
+                                    "annotations"
+                                ]
+                                | {
+                                    "summary": "The stunner-guard serving certificate expires in 40.0 days."
+                                },
+                            }
+                        ],
+                    },
+                    {
+                        "eval_time": "30m",
+                        "alertname": "StunnerGuardReplicaDown",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {
+                                    "severity": "warning",
+                                    "job": "guard",
+                                    "instance": "10.0.0.1:8443",
+                                },
+                                "exp_annotations": {
+                                    "summary": "stunner-guard replica 10.0.0.1:8443 cannot be scraped.",
+                                    "description": alerts()["StunnerGuardReplicaDown"][
+                                        "annotations"
+                                    ]["description"],
+                                },
+                            }
+                        ],
+                    },
+                ],
+            }
+        ],
+    }
+    (tmp_path / "chart.test.yaml").write_text(yaml.safe_dump(unit_tests))
+    result = run_promtool(promtool, "test", "rules", "chart.test.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout
+    # The same series against the file's defaults: the quiet ones fire.
+    (tmp_path / "rules.yaml").write_text(RULES.read_text())
+    result = run_promtool(promtool, "test", "rules", "chart.test.yaml", cwd=tmp_path)
+    assert result.returncode != 0
+    for alert in (
+        "StunnerGuardAdmissionSlow",
+        "StunnerGuardDrainCapacityNearlyFull",
+        "StunnerGuardCertificateExpiringSoon",  # at 30 days, 40 left is quiet
+        "StunnerGuardReplicaDown",  # job stunner-guard is down too
+    ):
+        assert f"alertname: {alert}," in result.stdout, result.stdout
