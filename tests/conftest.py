@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -128,3 +130,25 @@ def dev_certs(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("certs")
     certs.write(directory, certs.generate())
     return directory
+
+
+def _prometheus_tool(name: str) -> str:
+    """Prometheus' own binaries (Debian package ``prometheus``; ``.ci/run`` installs it).
+    Tests that need them fail without them: they are never skipped."""
+    path = os.environ.get(name.upper()) or shutil.which(name)
+    if not path:
+        pytest.fail(
+            f"{name} not found: install Debian's prometheus package "
+            f"(apt-get install --no-install-recommends prometheus) or set {name.upper()}"
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    return _prometheus_tool("promtool")
+
+
+@pytest.fixture(scope="session")
+def prometheus_binary() -> str:
+    return _prometheus_tool("prometheus")

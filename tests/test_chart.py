@@ -25,6 +25,7 @@ import os
 import re
 import runpy
 import shlex
+import shutil
 import ssl
 import subprocess
 import sys
@@ -74,6 +75,15 @@ MODES: dict[str, dict] = {
         }
     },
     "servicemonitor": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+    "monitoring": {
+        "serviceMonitor": {"enabled": True},
+        "prometheusRule": {"enabled": True, "labels": {"release": "prom"}},
+        "grafanaDashboard": {
+            "enabled": True,
+            "namespace": "monitoring",
+            "annotations": {"grafana_folder": "STUNner"},
+        },
+    },
     "failure-policies-fail": {
         "webhooks": {
             "mutating": {"failurePolicy": "Fail"},
@@ -114,6 +124,16 @@ MODES: dict[str, dict] = {
         "service": {"port": 8443},
         "gunicorn": {"threads": 1200, "timeout": 60, "logLevel": "debug"},
         "serviceMonitor": {"enabled": True},
+        "prometheusRule": {
+            "enabled": True,
+            "thresholds": {
+                "admissionP99Seconds": 1.5,
+                "drainCapacityRatio": 0.95,
+                "certificateWarningDays": 40,
+                "certificateCriticalDays": 10,
+            },
+        },
+        "grafanaDashboard": {"enabled": True, "labels": {"grafana_dashboard": "stunner"}},
         "tls": {"certManager": {"enabled": True}},
     },
 }
@@ -216,8 +236,9 @@ def test_chart_lints_clean_in_every_mode(mode):
 
 # Subsets of the cert-manager.io/v1 and monitoring.coreos.com/v1 CRD schemas (field names
 # from cert-manager's deploy/crds/cert-manager.io_{certificates,issuers}.yaml and
-# prometheus-operator's monitoring.coreos.com_servicemonitors.yaml), made strict: the chart
-# may only use fields listed here, so a misspelt field fails instead of being pruned.
+# prometheus-operator's monitoring.coreos.com_{servicemonitors,prometheusrules}.yaml), made
+# strict: the chart may only use fields listed here, so a misspelt field fails instead of
+# being pruned. kubernetes-validate has no schema for custom resources.
 def _strict(properties: dict, required: tuple = ()) -> dict:
     return {
         "type": "object",
@@ -234,6 +255,10 @@ _METADATA = _strict(
     ("name", "namespace"),
 )
 _ISSUER_REF = _strict({"name": _STR, "kind": _STR, "group": _STR}, ("name",))
+_DURATION = {
+    "type": "string",
+    "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$",
+}
 
 
 def _crd_object(api_version: str, kind: str, spec: dict) -> dict:
@@ -352,6 +377,46 @@ CRD_SCHEMAS = {
                 },
             },
             ("selector", "endpoints"),
+        ),
+    ),
+    # prometheus-operator's monitoring.coreos.com_prometheusrules.yaml, every field of v1.
+    ("monitoring.coreos.com/v1", "PrometheusRule"): _crd_object(
+        "monitoring.coreos.com/v1",
+        "PrometheusRule",
+        _strict(
+            {
+                "groups": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": _strict(
+                        {
+                            "name": {"type": "string", "minLength": 1},
+                            "interval": _DURATION,
+                            "query_offset": _DURATION,
+                            "limit": _INT,
+                            "partial_response_strategy": _STR,
+                            "labels": _STR_MAP,
+                            "rules": {
+                                "type": "array",
+                                "items": _strict(
+                                    {
+                                        "alert": _STR,
+                                        "record": _STR,
+                                        "expr": {"anyOf": [_INT, _STR]},
+                                        "for": _DURATION,
+                                        "keep_firing_for": _DURATION,
+                                        "labels": _STR_MAP,
+                                        "annotations": _STR_MAP,
+                                    },
+                                    ("expr",),
+                                ),
+                            },
+                        },
+                        ("name",),
+                    ),
+                }
+            },
+            ("groups",),
         ),
     ),
 }
@@ -989,7 +1054,12 @@ NAME_CASES = {
 def test_every_name_is_a_dns_label_of_at_most_63_characters(case):
     overrides, release = NAME_CASES[case]
     for tls in ({}, {"tls": {"certManager": {"enabled": True}}}):
-        rendered = render({**overrides, **tls, "serviceMonitor": {"enabled": True}}, name=release)
+        monitoring = {
+            "serviceMonitor": {"enabled": True},
+            "prometheusRule": {"enabled": True},
+            "grafanaDashboard": {"enabled": True},
+        }
+        rendered = render({**overrides, **tls, **monitoring}, name=release)
         for obj in rendered.objects:
             name = obj["metadata"]["name"]
             assert len(name) <= 63 and DNS_LABEL.match(name), (obj["kind"], name)
@@ -1147,9 +1217,13 @@ def _guard_environment(rendered: Rendered, tmp_path: Path) -> dict[str, str]:
     configmap = rendered.named("ConfigMap", volume["configMap"]["name"])
     (tmp_path / key).write_text(configmap["data"][key])
     env["STUNNER_GUARD_POLICY_FILE"] = str(tmp_path / key)
-    for var in ("STUNNER_GUARD_CERT_FILE", "STUNNER_GUARD_KEY_FILE"):
+    for var, wanted in (
+        ("STUNNER_GUARD_CERT_FILE", "tls.crt"),
+        ("STUNNER_GUARD_KEY_FILE", "tls.key"),
+        ("STUNNER_GUARD_CA_FILE", "ca.crt"),  # both TLS modes' Secrets carry it
+    ):
         volume, key = _mounted_path(rendered, env[var])
-        assert key in {"tls.crt", "tls.key"} and "secret" in volume
+        assert key == wanted and "secret" in volume, var
     return env
 
 
@@ -1164,6 +1238,10 @@ def test_the_guard_reads_its_settings_from_the_rendered_environment(mode, chart,
     assert settings_.namespace == NAMESPACE
     assert settings_.watchNamespaces == tuple(values["watchNamespaces"])
     assert settings_.dataplaneName == values["dataplaneName"]
+    assert (settings_.certFile, settings_.caFile) == (
+        env["STUNNER_GUARD_CERT_FILE"],
+        env["STUNNER_GUARD_CA_FILE"],
+    )
     assert _not_ready_reason(settings_) is None
 
 
@@ -1280,6 +1358,139 @@ def test_the_service_monitor_scrapes_metrics_over_verified_https(mode_name):
     assert "insecureSkipVerify" not in tls
 
 
+# --------------------------------------------------------------------------- alerts, dashboard
+
+RULES_FILE = CHART / "files" / "prometheus-rules.yaml"
+DASHBOARD_FILE = CHART / "files" / "grafana-dashboard.json"
+
+
+def test_monitoring_objects_are_rendered_only_when_enabled():
+    for kind in ("PrometheusRule", "ServiceMonitor"):
+        assert _render_mode("defaults").all(kind) == []
+    assert [c["metadata"]["name"] for c in _render_mode("defaults").all("ConfigMap")] == [
+        f"{RELEASE}-policy"
+    ]
+    monitoring = _render_mode("monitoring")
+    assert monitoring.one("PrometheusRule")["metadata"]["name"] == RELEASE
+    monitoring.named("ConfigMap", f"{RELEASE}-dashboard")
+
+
+def test_the_prometheus_rule_is_the_plain_rules_file_with_the_default_values():
+    # One source: non-operator users load files/prometheus-rules.yaml itself.
+    rule = _render_mode("monitoring").one("PrometheusRule")
+    assert rule["spec"] == {"groups": yaml.safe_load(RULES_FILE.read_text())["groups"]}
+    assert rule["metadata"]["namespace"] == NAMESPACE
+    assert rule["metadata"]["labels"]["release"] == "prom"  # what the Prometheus selects
+
+
+def _with_threshold(expr: str, name: str, value: str) -> str:
+    return re.sub(rf"[0-9.]+(\s+# threshold: {name})$", rf"{value}\1", expr, flags=re.M)
+
+
+def test_threshold_values_and_the_chart_name_reach_the_rules_and_nothing_else_changes():
+    thresholds = {
+        "admissionP99Seconds": "1.5",
+        "drainCapacityRatio": "0.95",
+        "certificateWarningDays": "40",
+        "certificateCriticalDays": "10",
+    }
+    rendered = render(
+        {
+            "nameOverride": "guard",
+            "serviceMonitor": {"enabled": True},
+            "prometheusRule": {
+                "enabled": True,
+                "thresholds": {k: float(v) for k, v in thresholds.items()},
+            },
+        }
+    )
+    expected = yaml.safe_load(RULES_FILE.read_text())["groups"]
+    changed = set()
+    for group in expected:
+        for rule in group["rules"]:
+            before = rule["expr"]
+            for name, value in thresholds.items():
+                rule["expr"] = _with_threshold(rule["expr"], name, value)
+            rule["expr"] = rule["expr"].replace('up{job="stunner-guard"}', 'up{job="guard"}')
+            if rule["expr"] != before:
+                changed.add(rule["alert"])
+    assert rendered.one("PrometheusRule")["spec"]["groups"] == expected
+    assert changed == {
+        "StunnerGuardDown",
+        "StunnerGuardReplicaDown",
+        "StunnerGuardAdmissionSlow",
+        "StunnerGuardAdmissionSlowAtAPIServer",
+        "StunnerGuardDrainCapacityNearlyFull",
+        "StunnerGuardCertificateExpiringSoon",
+        "StunnerGuardCertificateExpiring",
+    }
+    # up{job=...} names the job the ServiceMonitor gives the guard: the Service's label.
+    monitor = rendered.one("ServiceMonitor")["spec"]
+    job = rendered.one("Service")["metadata"]["labels"][monitor["jobLabel"]]
+    assert job == "guard"
+
+
+def test_every_threshold_value_is_marked_in_the_rules_file_and_defaults_to_its_number():
+    text = RULES_FILE.read_text()
+    marked = dict(
+        (name, float(number))
+        for number, name in re.findall(r"([0-9.]+)\s+# threshold: (\w+)$", text, flags=re.M)
+    )
+    assert marked == values_yaml()["prometheusRule"]["thresholds"]
+
+
+def test_a_threshold_the_rules_file_no_longer_marks_fails_the_render(tmp_path):
+    chart = tmp_path / "stunner-guard"
+    shutil.copytree(CHART, chart)
+    rules = chart / "files" / "prometheus-rules.yaml"
+    rules.write_text(rules.read_text().replace("  # threshold: drainCapacityRatio", ""))
+    with helm.Chart.load(chart) as loaded, pytest.raises(helm.HelmRenderError) as err:
+        loaded.render({"prometheusRule": {"enabled": True}}, name=RELEASE, namespace=NAMESPACE)
+    assert 'no "# threshold: drainCapacityRatio"' in str(err.value)
+
+
+def test_the_dashboard_configmap_carries_the_dashboard_file_for_the_grafana_sidecar():
+    rendered = _render_mode("monitoring")
+    configmap = rendered.named("ConfigMap", f"{RELEASE}-dashboard")
+    meta = configmap["metadata"]
+    assert meta["namespace"] == "monitoring"
+    assert meta["labels"]["grafana_dashboard"] == "1"  # the sidecar's default label
+    assert meta["annotations"] == {"grafana_folder": "STUNner"}
+    assert values_yaml()["grafanaDashboard"]["labels"] == {"grafana_dashboard": "1"}
+    (key,) = configmap["data"]
+    assert key.endswith(".json")
+    assert json.loads(configmap["data"][key]) == json.loads(DASHBOARD_FILE.read_text())
+    # Another chart name: only the job in up{job=...} follows it.
+    renamed = render({"nameOverride": "guard", "grafanaDashboard": {"enabled": True}})
+    text = renamed.named("ConfigMap", f"{RELEASE}-dashboard")["data"][key]
+    assert json.loads(text) == json.loads(
+        DASHBOARD_FILE.read_text().replace('up{job=\\"stunner-guard\\"}', 'up{job=\\"guard\\"}')
+    )
+    assert 'up{job=\\"guard\\"}' in text
+
+
+def _hours(duration: str) -> float:
+    """A Go duration of hours, as the chart writes them (e.g. 2160h)."""
+    match = re.fullmatch(r"(\d+)h", duration)
+    assert match, duration
+    return float(match.group(1))
+
+
+def test_cert_manager_renews_before_the_certificate_alert_could_fire():
+    """A certificate cert-manager renews on time never has fewer days left than the
+    warning threshold: the serving certificate is renewed renewBefore ahead, and the CA
+    (which the serving Secret's ca.crt shows until the next serving renewal) early enough
+    that the old CA still has more than the threshold left when that renewal comes."""
+    warning_days = values_yaml()["prometheusRule"]["thresholds"]["certificateWarningDays"]
+    rendered = _render_mode("cert-manager")
+    serving = rendered.named("Certificate", f"{RELEASE}-serving")["spec"]
+    ca = rendered.named("Certificate", f"{RELEASE}-ca")["spec"]
+    serving_left = _hours(serving["renewBefore"]) / 24
+    serving_interval = (_hours(serving["duration"]) - _hours(serving["renewBefore"])) / 24
+    ca_left = _hours(ca["renewBefore"]) / 24 - serving_interval
+    assert serving_left > warning_days and ca_left > warning_days, (serving_left, ca_left)
+
+
 def test_notes_end_with_a_command_that_verifies_the_install(mode, chart):
     lines = [line.strip() for line in chart.notes.strip().splitlines()]
     verify = lines[-1]
@@ -1364,6 +1575,22 @@ BAD_VALUES = {
     "threads not above held drains": (
         {"gunicorn": {"threads": 1000}},
         "gunicorn.threads (1000) must exceed policy.drain",
+    ),
+    "critical certificate days not below warning": (
+        {"prometheusRule": {"enabled": True, "thresholds": {"certificateCriticalDays": 30}}},
+        "certificateCriticalDays (30) must be below certificateWarningDays (30)",
+    ),
+    "capacity ratio above 1": (
+        {"prometheusRule": {"thresholds": {"drainCapacityRatio": 1.5}}},
+        "at '/prometheusRule/thresholds/drainCapacityRatio': maximum: got 1.5, want 1",
+    ),
+    "unknown threshold": (
+        {"prometheusRule": {"thresholds": {"p95Seconds": 1}}},
+        "at '/prometheusRule/thresholds': additional properties 'p95Seconds' not allowed",
+    ),
+    "dashboard namespace not a name": (
+        {"grafanaDashboard": {"namespace": "Monitoring"}},
+        "at '/grafanaDashboard/namespace'",
     ),
     "pdb blocks drains": (
         {"podDisruptionBudget": {"minAvailable": 2}},

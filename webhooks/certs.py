@@ -116,6 +116,17 @@ def generate(
     }
 
 
+def expiry_timestamps(pem: bytes) -> list[float]:
+    """The notAfter of every certificate in a PEM file, in file order, as Unix time: a
+    serving file holds the leaf first (then any intermediates), a CA file one or more CAs.
+    ValueError when the file holds no certificate or a malformed one."""
+    try:
+        certificates = x509.load_pem_x509_certificates(pem)
+    except ValueError as err:
+        raise ValueError(f"not a PEM certificate file: {err}") from err
+    return [c.not_valid_after_utc.timestamp() for c in certificates]
+
+
 def write(directory: Path, files: dict[str, bytes]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():

@@ -22,6 +22,8 @@ class Service:
 
     def __post_init__(self) -> None:
         self.drainer = Drainer(self.settings, self.kube, self.metrics)
+        self.metrics.ready.set_function(lambda: 0.0 if self.not_ready_reason() else 1.0)
+        self.metrics.certificates.watch(serving=self.settings.certFile, ca=self.settings.caFile)
 
     def begin_shutdown(self) -> None:
         """SIGTERM reached the worker (webhooks/serving.py): report not ready at once, so

@@ -160,6 +160,10 @@ class Settings:
     # STUNNER_GUARD_CERT_FILE / STUNNER_GUARD_KEY_FILE: serving certificate and key.
     certFile: str = str(REPO_ROOT / "certs" / "tls.crt")
     keyFile: str = str(REPO_ROOT / "certs" / "tls.key")
+    # STUNNER_GUARD_CA_FILE: the CA that signed the serving certificate (the webhooks'
+    # caBundle); default ca.crt next to the certificate, as both the chart's Secret and
+    # cert-manager's carry it. Read only for its expiry metric.
+    caFile: str = str(REPO_ROOT / "certs" / "ca.crt")
     # STUNNER_GUARD_DRAIN_HOST / STUNNER_GUARD_DRAIN_PORT: where kubelet reaches the drain
     # endpoint. kubelet resolves the preStop host on the node, not through cluster DNS, so
     # this must be an IP: the guard Service's ClusterIP. When unset, they are read from the
@@ -391,11 +395,13 @@ def from_env(env: dict[str, str] | None = None) -> Settings:
     request_timeout = _env_seconds(
         env, "STUNNER_GUARD_REQUEST_TIMEOUT_SECONDS", defaults.requestTimeoutSeconds
     )
+    cert_file = env.get("STUNNER_GUARD_CERT_FILE") or defaults.certFile
     return Settings(
         policy=policy,
         drain=drain,
         policyFile=policy_file,
-        certFile=env.get("STUNNER_GUARD_CERT_FILE") or defaults.certFile,
+        certFile=cert_file,
+        caFile=env.get("STUNNER_GUARD_CA_FILE") or str(Path(cert_file).parent / "ca.crt"),
         keyFile=env.get("STUNNER_GUARD_KEY_FILE") or defaults.keyFile,
         drainHost=drain_host,
         drainPort=drain_port or defaults.drainPort,

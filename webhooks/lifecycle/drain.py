@@ -473,6 +473,15 @@ class Drainer:
         self._loop_ident: int | None = None
         self._reader = Reader(ReadSpec.of(self.drain_settings))
         self._scrape_results = {r: metrics.metric_scrapes.labels(r) for r in READ_RESULTS}
+        # Every outcome's series from the start: increase() cannot count a series' first
+        # sample, so an alert on the first deadline drain would otherwise miss it.
+        for outcome in STATUS:
+            metrics.drain_outcomes.labels(outcome)
+        metrics.drain_capacity.set(self.drain_settings.maxConcurrent)
+        metrics.drain_calls_held.set_function(lambda: self._held)
+        metrics.pod_watch_connected.set_function(
+            lambda: float(self.watcher.connected) if self._started and self.watcher else None
+        )
 
     # ---------------------------------------------------------------- the call
 
@@ -839,6 +848,8 @@ class Drainer:
             del self._waiters[waiter.pod.key]
             self.metrics.drains_in_progress.dec()
         self.metrics.drain_duration.labels(outcome).observe(seconds)
+        if outcome == DEADLINE and waiter.allocations is not None:
+            self.metrics.drain_allocations_left.observe(waiter.allocations)
         waiter.done.set()
         if outcome == DRAINED:
             self._event(waiter.pod, "Drained", f"0 TURN allocations after {seconds:.1f} s")
