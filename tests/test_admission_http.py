@@ -12,8 +12,10 @@ import jsonpatch
 import pytest
 import yaml
 
+from app import create_app
 from tests.conftest import ADMISSION, STUNNER, create_review, envelope, load_json, load_yaml_docs
 from webhooks.names import DRAIN_TOKEN_LABEL
+from webhooks.settings import Settings
 
 V136 = sorted((ADMISSION / "apiserver-v1.36").rglob("*.json"))
 BARE = sorted((ADMISSION / "requests").glob("bare-request_*.json"))
@@ -98,7 +100,9 @@ def test_real_dataplane_update_over_the_cpu_maximum_is_capped(client):
     assert any("limits.cpu=2" in w for w in answer["response"]["warnings"])
 
 
-def test_the_validating_webhook_denies_an_unfixed_dataplane_with_a_precise_message(client):
+def test_the_validating_webhook_denies_an_unfixed_dataplane_with_a_precise_message():
+    # fixableFindings=deny: what the chart sets with the mutating failurePolicy Fail.
+    client = create_app(Settings(fixableFindings="deny"), kube=None).test_client()
     body = load_json(
         ADMISSION / "apiserver-v1.36/stunner/003-mutate-Dataplane-v1-UPDATE-cluster-default.json"
     )

@@ -169,11 +169,49 @@ def test_off_rules_leave_resources_alone():
     assert resources(pod) == {"requests": {"cpu": "8"}}
 
 
-def test_validating_webhook_denies_what_enforce_mode_should_have_fixed():
-    verdict, _ = run(stunnerd_pod(resources={"requests": {"cpu": "4"}}), webhook="validate")
+STRICT_SETTINGS = Settings(drainHost=DRAIN_HOST, fixableFindings="deny")
+
+
+def test_validating_webhook_denies_what_enforce_mode_should_have_fixed_when_told_to():
+    verdict, _ = run(
+        stunnerd_pod(resources={"requests": {"cpu": "4"}}),
+        webhook="validate",
+        settings=STRICT_SETTINGS,
+    )
     assert not verdict.allowed
     assert "resources.requests.cpu is 4" in verdict.message
     assert "rule requestsMinimal, mode enforce" in verdict.message
+
+
+@pytest.mark.parametrize("kind", ["Pod", "Dataplane"])
+def test_an_object_the_mutating_webhook_never_saw_is_admitted_with_warnings_by_default(kind):
+    """The mutating call failed open (failurePolicy Ignore, a guard rollout): validation
+    admits the object as it is, saying what mutation would have changed."""
+    if kind == "Pod":
+        obj = stunnerd_pod(resources={"requests": {"cpu": "4"}})
+    else:
+        obj = load_yaml_docs(STUNNER / "dataplane_default_v1.stunner.yaml")[0]
+        obj["spec"]["resources"] = {"limits": {"cpu": "3"}}
+    verdict, _ = run(obj, webhook="validate")
+    assert verdict.allowed, verdict.message
+    assert any(w.startswith("not adjusted") and "cpu" in w for w in verdict.warnings)
+    strict, _ = run(obj, webhook="validate", settings=STRICT_SETTINGS)
+    assert not strict.allowed
+
+
+def test_what_mutation_cannot_fix_is_denied_whatever_fixable_findings_says():
+    obj = stunnerd_pod(resources={"limits": {"cpu": "lots"}})
+    for settings in (Settings(drainHost=DRAIN_HOST), STRICT_SETTINGS):
+        verdict, _ = run(obj, webhook="validate", settings=settings)
+        assert not verdict.allowed
+        assert "limits.cpu is 'lots'" in verdict.message
+
+
+def test_a_mutated_object_gets_no_warning_from_the_tolerant_validation():
+    _, mutated = run(stunnerd_pod(resources={"requests": {"cpu": "4"}}))
+    verdict, _ = run(mutated, webhook="validate")
+    assert verdict.allowed
+    assert not any(w.startswith("not adjusted") for w in verdict.warnings)
 
 
 @hsettings(max_examples=150, deadline=None)

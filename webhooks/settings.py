@@ -22,6 +22,7 @@ import yaml
 from webhooks.admission.quantities import quantity
 
 MODES = ("enforce", "warn", "off")
+FIXABLE_FINDINGS = ("warn", "deny")
 ENFORCE, WARN, OFF = MODES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -183,6 +184,12 @@ class Settings:
     dataplaneName: str = "default"
     # STUNNER_GUARD_MAX_BODY_BYTES: larger AdmissionReview bodies get HTTP 413.
     maxBodyBytes: int = 3 * 1024 * 1024
+    # STUNNER_GUARD_FIXABLE_FINDINGS: what the validating webhook does with a finding the
+    # mutating webhook fixes in enforce mode (it sees one only when the mutating call did
+    # not run: it failed open). "warn" (with the mutating failurePolicy Ignore: an object
+    # the guard could not adjust is admitted as it is, as Ignore promises) or "deny" (with
+    # Fail: nothing unadjusted gets in). The chart sets it from the mutating failurePolicy.
+    fixableFindings: str = "warn"
     # STUNNER_GUARD_KUBE_TIMEOUT_SECONDS: per API call; the webhook's own timeout is short.
     kubeTimeoutSeconds: float = 2.0
     # STUNNER_GUARD_REQUEST_TIMEOUT_SECONDS: a connection must deliver its TLS handshake and
@@ -353,6 +360,13 @@ def _env_int(env: dict[str, str], name: str, default: int) -> int:
         raise PolicyError(f"{name}: {raw!r} is not an integer") from err
 
 
+def _env_choice(env: dict[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
+    raw = env.get(name) or default
+    if raw not in choices:
+        raise PolicyError(f"{name}: {raw!r} is not one of {'|'.join(choices)}")
+    return raw
+
+
 def _env_seconds(env: dict[str, str], name: str, default: float) -> float:
     raw = env.get(name)
     if raw in (None, ""):
@@ -410,6 +424,9 @@ def from_env(env: dict[str, str] | None = None) -> Settings:
         watchNamespaces=watch,
         dataplaneName=env.get("STUNNER_GUARD_DATAPLANE") or defaults.dataplaneName,
         maxBodyBytes=_env_int(env, "STUNNER_GUARD_MAX_BODY_BYTES", defaults.maxBodyBytes),
+        fixableFindings=_env_choice(
+            env, "STUNNER_GUARD_FIXABLE_FINDINGS", FIXABLE_FINDINGS, defaults.fixableFindings
+        ),
         kubeTimeoutSeconds=kube_timeout,
         requestTimeoutSeconds=request_timeout,
     )

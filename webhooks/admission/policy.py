@@ -11,10 +11,17 @@ and on the webhook:
                           explain it (warning+annotation)  on the final object)
     validate   STRICT     deny: the mutating webhook       warning
                           should have fixed it
+    validate   TOLERANT   warning: the mutating call did   warning
+                          not run (failed open), and the
+                          object is admitted as it is
     validate   ADVISE     warning: the Pod webhook will    warning
                           fix the pods (operator-owned
                           Deployments are never mutated)
 
+The validating webhook is STRICT or TOLERANT by ``Settings.fixableFindings``, which the
+chart derives from the mutating webhook's failure policy: with ``Ignore`` a failed mutating
+call admits the object unadjusted, and a validating call that then denied it would block
+stunnerd pods on a guard hiccup (a rollout, one replica down) despite ``Ignore``.
 Values that cannot be fixed (a quantity that does not parse) are denied by every webhook.
 Independently of every mode, the guard never emits a request above its limit.
 
@@ -34,7 +41,7 @@ from webhooks.admission.quantities import quantity
 from webhooks.admission.review import MAX_WARNING_CHARS
 from webhooks.settings import Policy, Rule
 
-MUTATE, STRICT, ADVISE = "mutate", "strict", "advise"
+MUTATE, STRICT, TOLERANT, ADVISE = "mutate", "strict", "tolerant", "advise"
 RESOURCES = ("cpu", "memory")
 # What the apiserver writes into every Pod and pod template without a grace period
 # (k8s.io/api core/v1 DefaultTerminationGracePeriodSeconds, applied by SetDefaults_PodSpec
@@ -115,7 +122,7 @@ def first_that_fits(texts: list[str]) -> str:
 @dataclass
 class Shaper:
     policy: Policy
-    how: str  # MUTATE, STRICT or ADVISE
+    how: str  # MUTATE, STRICT, TOLERANT or ADVISE
     subject: str  # "Pod media/udp-gateway-..." for messages
     changes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -162,6 +169,18 @@ class Shaper:
                 lambda at: f"pods will get {at}={now} ({name}: {why})",
                 lambda at: f"pods will get {at}={now} ({name})",
                 lambda at: f"pods will get a changed {at} ({name})",
+            )
+            return True
+        elif self.how == TOLERANT and rule.enforced:
+            # Applied to the scratch copy too: later findings are what mutation would add.
+            self.say(
+                where,
+                lambda at: (
+                    f"not adjusted (mutation did not run): {at} is {was}, want {now} ({name})"
+                ),
+                lambda at: f"not adjusted: {at} is {was}, want {now} ({name})",
+                lambda at: f"not adjusted: {at}, want {now} ({name})",
+                lambda at: f"not adjusted: {at} ({name})",
             )
             return True
         else:

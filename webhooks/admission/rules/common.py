@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from webhooks.admission.outcome import Context, Outcome
-from webhooks.admission.policy import MUTATE, STRICT, Shaper
+from webhooks.admission.policy import MUTATE, STRICT, TOLERANT, Shaper
 from webhooks.names import CHANGES_ANNOTATION
 
 
@@ -63,7 +63,10 @@ def copy_containers_for_edit(pod_spec: dict) -> None:
 
 
 def shaper_for(ctx: Context, how: str | None = None) -> Shaper:
-    return Shaper(ctx.settings.policy, how or (MUTATE if ctx.mutating else STRICT), ctx.subject)
+    if how is None:
+        strict = ctx.settings.fixableFindings == "deny"
+        how = MUTATE if ctx.mutating else STRICT if strict else TOLERANT
+    return Shaper(ctx.settings.policy, how, ctx.subject)
 
 
 def metadata_map(obj: dict, key: str) -> dict:
