@@ -1610,6 +1610,7 @@ def test_bad_values_fail_rendering_with_a_message_naming_the_key(case):
 _PASS_THROUGH = {  # Kubernetes objects and string maps, checked by the apiserver
     "affinity",
     "tolerations",
+    "metricsFrom",  # NetworkPolicyPeers; the rendered NetworkPolicy is validated
     "topologySpreadConstraints",
     "podAnnotations",
     "podLabels",

@@ -159,3 +159,29 @@ admissionReviewVersions: ["v1"]
 timeoutSeconds: {{ .Values.webhooks.timeoutSeconds }}
 matchPolicy: Equivalent
 {{- end }}
+
+{{/*
+gunicorn's graceful timeout: how long the guard keeps held drains after SIGTERM. Derived
+from the longest drain the policy lets a stunnerd pod have (its grace period, at most
+rules.gracePeriod.max in enforce mode) plus 15 s: the guard answers what is still held 5 s
+before this, and a drain ends marginSeconds before its pod's deadline.
+*/}}
+{{- define "stunner-guard.gracefulTimeout" -}}
+{{- $set := int .Values.shutdown.gracefulTimeoutSeconds -}}
+{{- $max := 14400 -}}
+{{- with .Values.policy.rules.gracePeriod }}{{ with .max }}{{ $max = int . }}{{ end }}{{ end -}}
+{{- if $set }}{{ $set }}{{ else }}{{ add $max 15 }}{{ end -}}
+{{- end }}
+
+{{/*
+The guard pod's terminationGracePeriodSeconds: the preStop sleep, then the graceful timeout,
+then 10 s for the process to exit before kubelet's SIGKILL.
+*/}}
+{{- define "stunner-guard.terminationGracePeriod" -}}
+{{- $needed := add (int .Values.shutdown.endpointDelaySeconds) (include "stunner-guard.gracefulTimeout" . | int) 10 -}}
+{{- $set := int .Values.terminationGracePeriodSeconds -}}
+{{- if and $set (lt $set (int $needed)) -}}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must cover shutdown.endpointDelaySeconds + the graceful timeout + 10 (%d): kubelet would kill the guard while it still holds drains" $set (int $needed)) -}}
+{{- end -}}
+{{- if $set }}{{ $set }}{{ else }}{{ $needed }}{{ end -}}
+{{- end }}
