@@ -8,11 +8,16 @@ import orjson
 from flask import Blueprint, Response, current_app, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from webhooks import metrics as metric_labels
 from webhooks.admission import dispatch, review
 from webhooks.service import Service
 
 blueprint = Blueprint("stunner_guard", __name__)
 DISCARD_OVERSIZED_FACTOR = 4
+# The ``kind`` label: a kind the guard handles (Pod, Deployment, Dataplane,
+# HorizontalPodAutoscaler) in its own API group, else "other" (metrics.py: labels come
+# from closed sets, never from the request).
+HANDLED_KINDS = {(group, kind): kind for group, kind in dispatch.HANDLERS}
 
 
 def _service() -> Service:
@@ -50,7 +55,10 @@ def _admit(webhook: str) -> Response:
     verdict = dispatch.decide(req, webhook, service)
     answer = review.encode(req.uid, verdict, mutating=webhook == dispatch.MUTATE)
     service.metrics.admission_requests.labels(
-        webhook, req.kind, req.operation or "-", verdict.label
+        webhook,
+        HANDLED_KINDS.get((req.group, req.kind), metric_labels.OTHER),
+        metric_labels.closed(req.operation, metric_labels.OPERATIONS),
+        verdict.label,
     ).inc()
     service.metrics.admission_latency.labels(webhook).observe(time.perf_counter() - started)
     return _json(answer)
