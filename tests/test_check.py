@@ -6,6 +6,7 @@ import io
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from tests.conftest import STUNNER
@@ -123,3 +124,34 @@ def test_a_reader_that_stops_early_gets_no_traceback():
         stderr = proc.stderr.read().decode()
         proc.wait(timeout=60)
     assert "Traceback" not in stderr
+
+
+def _nested_yaml(levels: int) -> str:
+    """A Dataplane whose spec.affinity nests ``levels`` flow-style maps."""
+    return (
+        "apiVersion: stunner.l7mp.io/v1\nkind: Dataplane\nmetadata: {name: default}\n"
+        "spec:\n  affinity: " + "{a: " * levels + "x" + "}" * levels + "\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("levels", "reason"),
+    [
+        pytest.param(150, "nests more than 100 levels of maps and lists", id="past the limit"),
+        pytest.param(5_000, "nested too deeply to read", id="past PyYAML's stack"),
+    ],
+)
+def test_input_nested_too_deeply_exits_2_naming_the_file(tmp_path, capsys, levels, reason):
+    manifest = tmp_path / "deep.yaml"
+    manifest.write_text(_nested_yaml(levels))
+    assert run(str(manifest))[0] == 2
+    error = capsys.readouterr().err
+    assert f"{manifest}: " in error and reason in error
+    assert "Traceback" not in error and len(error) < 1000
+
+
+def test_input_as_deep_as_the_limit_is_checked():
+    # The object and its spec are two levels: 98 more make 100.
+    code, out = run("-", stdin=_nested_yaml(98))
+    assert code == 0 and "# 1 objects, 0 denied" in out
+    assert run("-", stdin=_nested_yaml(99))[0] == 2

@@ -100,9 +100,17 @@ def _load(paths: list[str], stdin: TextIO) -> list[tuple[str, dict]]:
             loaded = list(yaml.safe_load_all(text))
         except (OSError, yaml.YAMLError) as err:
             raise ValueError(f"{path}: {err}") from err
+        except RecursionError:
+            # PyYAML composes nodes recursively: a few hundred levels exhaust the stack.
+            raise ValueError(f"{path}: nested too deeply to read") from None
         for doc in loaded:
             if doc is None:
                 continue
+            # The webhook refuses deeper objects where it walks them (review.TooDeep); the
+            # check walks all of it (the YAML dump, the diff), so it refuses any part.
+            deep = review.path_past(doc, review.MAX_DEPTH)
+            if deep is not None:
+                raise ValueError(f"{path}: {review.TooDeep((), doc).reason}")
             if not isinstance(doc, dict) or "kind" not in doc:
                 raise ValueError(f"{path}: a document is not a Kubernetes object (no kind)")
             items = doc.get("items") if doc.get("kind", "").endswith("List") else None

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
+from pathlib import PurePath
 
 import orjson
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Flask, Response, current_app, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from webhooks import metrics as metric_labels
@@ -18,6 +19,38 @@ DISCARD_OVERSIZED_FACTOR = 4
 # HorizontalPodAutoscaler) in its own API group, else "other" (metrics.py: labels come
 # from closed sets, never from the request).
 HANDLED_KINDS = {(group, kind): kind for group, kind in dispatch.HANDLERS}
+# An unexpected exception is logged in one line of at most about this many characters.
+LOGGED_MESSAGE_CHARS = 500
+LOGGED_PATH_CHARS = 200
+
+
+class App(Flask):
+    """Flask, logging an unexpected exception in one bounded line. Flask's own
+    log_exception writes the whole traceback: a RecursionError wrote ~3,000 lines per
+    request, so any client could fill the node's disk and bury every other log line."""
+
+    def log_exception(self, exc_info) -> None:
+        self.logger.error("%s", one_line(exc_info))
+
+
+def one_line(exc_info) -> str:
+    """``POST /mutate failed: RecursionError: maximum recursion depth exceeded (at
+    admission/rules/common.py:31 in _copy)``: the type, the message cut, the innermost
+    frame; no traceback."""
+    kind, error, trace = exc_info
+    where = ""
+    if trace is not None:
+        while trace.tb_next is not None:
+            trace = trace.tb_next
+        code = trace.tb_frame.f_code
+        where = f" (at {'/'.join(PurePath(code.co_filename).parts[-3:])}:{trace.tb_lineno}"
+        where += f" in {code.co_name})"
+    message = " ".join(str(error).split())
+    if len(message) > LOGGED_MESSAGE_CHARS:
+        message = message[: LOGGED_MESSAGE_CHARS - 3] + "..."
+    path = request.path[:LOGGED_PATH_CHARS]
+    name = kind.__name__ if kind is not None else "error"
+    return f"{request.method} {path} failed: {name}: {message}{where}"
 
 
 def _service() -> Service:
@@ -49,10 +82,11 @@ def _admit(webhook: str) -> Response:
     body = _read_body(limit)
     try:
         req = review.parse(body, limit)
+        # The rules refuse (TooDeep) an object nested too deeply to walk.
+        verdict = dispatch.decide(req, webhook, service)
     except review.BadReview as err:
         service.metrics.bad_requests.labels(webhook, str(err.status)).inc()
         return _plain(err.status, err.reason)
-    verdict = dispatch.decide(req, webhook, service)
     answer = review.encode(req.uid, verdict, mutating=webhook == dispatch.MUTATE)
     service.metrics.admission_requests.labels(
         webhook,
@@ -129,3 +163,9 @@ def method_not_allowed(err) -> Response:
 @blueprint.app_errorhandler(404)
 def not_found(err) -> Response:
     return _plain(404, f"no endpoint at {request.path}")
+
+
+@blueprint.app_errorhandler(500)
+def internal_error(err) -> Response:
+    """A bug, logged by App.log_exception; the client gets a short reason, not a page."""
+    return _plain(500, "stunner-guard failed on this request (a bug; see its log)")
