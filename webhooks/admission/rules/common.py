@@ -10,7 +10,11 @@ import orjson
 from webhooks.admission.outcome import Context, Outcome
 from webhooks.admission.policy import MUTATE, STRICT, Shaper
 from webhooks.admission.review import MAX_DEPTH, FieldPath, TooDeep
-from webhooks.names import CHANGES_ANNOTATION
+from webhooks.names import (
+    CHANGES_ANNOTATION,
+    MAX_RECORDED_CHANGE_CHARS,
+    MAX_RECORDED_CHANGES,
+)
 
 
 class _Deeper(Exception):
@@ -122,13 +126,24 @@ def recorded_changes(annotation: Any) -> list[str] | None:
 
 def record_changes(obj: dict, changes: list[str]) -> bool:
     """Merge ``changes`` into the object's changes annotation: what the guard changed stays
-    listed across reinvocations and re-applies. An annotation that is not a JSON list of
+    listed across reinvocations and re-applies, the newest MAX_RECORDED_CHANGES of it, each
+    cut to MAX_RECORDED_CHANGE_CHARS (names.py). An annotation that is not a JSON list of
     strings is replaced by a new list; False then, so the caller can say so."""
     annotations = metadata_map(obj, "annotations")
     earlier = recorded_changes(annotations.get(CHANGES_ANNOTATION, "[]"))
-    merged = list(dict.fromkeys((earlier or []) + changes))
-    annotations[CHANGES_ANNOTATION] = json.dumps(merged)
+    latest = dict.fromkeys(_cut_change(c) for c in changes)
+    kept = dict.fromkeys(_cut_change(c) for c in earlier or [])
+    merged = [c for c in kept if c not in latest] + list(latest)
+    # ensure_ascii off: a character then takes at most 6 bytes (a control character
+    # escaped), not 12 (an escaped surrogate pair).
+    annotations[CHANGES_ANNOTATION] = json.dumps(merged[-MAX_RECORDED_CHANGES:], ensure_ascii=False)
     return earlier is not None
+
+
+def _cut_change(change: str) -> str:
+    if len(change) <= MAX_RECORDED_CHANGE_CHARS:
+        return change
+    return change[: MAX_RECORDED_CHANGE_CHARS - 3] + "..."
 
 
 def finish(desired: dict, shaper: Shaper, ctx: Context) -> Outcome:
