@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Flask
 
 from webhooks import kube as kube_module
-from webhooks.http import blueprint
+from webhooks.http import App, blueprint
 from webhooks.service import Service
 from webhooks.settings import Settings, from_env
 
@@ -19,7 +19,7 @@ def create_app(settings: Settings | None = None, kube=_UNSET) -> Flask:
     settings = settings or from_env()
     if kube is _UNSET:
         kube = kube_module.connect(settings.kubeTimeoutSeconds)
-    app = Flask("stunner_guard")
+    app = App("stunner_guard")
     app.extensions["stunner_guard"] = Service(settings, kube)
     app.register_blueprint(blueprint)
     return app

@@ -15,6 +15,9 @@ import base64
 import copy
 import io
 import json
+import logging
+import random
+import string
 import time
 from typing import Any
 
@@ -22,10 +25,12 @@ import jsonpatch
 import pytest
 from hypothesis import assume, currently_in_test_context, event, given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
 from app import create_app
 from tests.conftest import ADMISSION, DRAIN_HOST, load_json
-from webhooks.admission.review import API_VERSION, KIND, MAX_WARNING_CHARS
+from webhooks.admission import dispatch
+from webhooks.admission.review import API_VERSION, KIND, MAX_DEPTH, MAX_WARNING_CHARS
 from webhooks.names import CHANGES_ANNOTATION, DRAIN_TOKEN_LABEL, OPERATOR_OWNED_LABEL
 from webhooks.settings import Settings
 
@@ -825,3 +830,201 @@ def test_an_absurd_cpu_limit_is_answered_as_fast_as_a_normal_one(guard, webhook)
     started = time.perf_counter()
     assert_contract(guard, webhook, body)
     assert time.perf_counter() - started < 0.25
+
+
+# --------------------------------------------------------------------------- nothing grows
+
+
+def _review_of(group: str, kind: str, operation: str, uid: str) -> bytes:
+    request = {
+        "uid": uid,
+        "kind": {"group": group, "version": "v1", "kind": kind},
+        "operation": operation,
+        "object": None,
+    }
+    return encode({"apiVersion": API_VERSION, "kind": KIND, "request": request})
+
+
+def test_made_up_kinds_and_operations_do_not_grow_the_metrics_page():
+    """Label values from the request made a series per made-up kind: 30,000 such reviews
+    once grew /metrics to 107 MB. The kinds the guard handles and the apiserver's
+    operations keep their names; everything else is counted as "other"."""
+    client = create_app(Settings(drainHost=DRAIN_HOST), kube=None).test_client()
+    rng = random.Random(9)
+    made_up = [
+        "".join(rng.choices(string.ascii_letters, k=rng.randint(1, 60))) for _ in range(3_000)
+    ]
+    real = [("", "Pod"), ("apps", "Deployment"), ("stunner.l7mp.io", "Dataplane")]
+    for index, name in enumerate(made_up):
+        group, kind = real[index % 3] if index % 10 == 0 else (name[:5], name)
+        operation = rng.choice(["CREATE", "UPDATE", "DELETE", "CONNECT", "", name[::-1]])
+        response = post(client, WEBHOOKS[index % 2], _review_of(group, kind, operation, name))
+        assert response.status_code == 200
+    page = client.get("/metrics").get_data()
+    assert len(page) < 200_000, f"/metrics is {len(page)} bytes"
+    samples = [
+        sample
+        for family in text_string_to_metric_families(page.decode())
+        if family.name == "stunner_guard_admission_requests"
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    ]
+    assert sum(s.value for s in samples) == len(made_up)
+    kinds = {s.labels["kind"] for s in samples}
+    operations = {s.labels["operation"] for s in samples}
+    assert kinds == {"Pod", "Deployment", "Dataplane", "other"}
+    assert operations == {"CREATE", "UPDATE", "DELETE", "CONNECT", "other"}
+    # webhook x kind x operation x verdict, whatever was sent.
+    assert len(samples) <= 2 * 5 * 5 * 3
+
+
+# --------------------------------------------------------------------------- depth
+#
+# orjson reads a body nested up to 1024 levels; the guard's own walks (the copies the rules
+# edit, the diff, the changes annotation) once recursed, and 500 levels exhausted Python's
+# stack: a 500 and a 3,000-line traceback per request.
+
+
+def _nested(depth: int, shape: str) -> str:
+    """JSON text of ``depth`` maps (or lists) inside one another, a string at the bottom.
+    Written as text: json.dumps itself recurses."""
+    opening, closing = ('{"a":', "}") if shape == "map" else ("[", "]")
+    return opening * depth + '"x"' + closing * depth
+
+
+def _with_nested(name: str, path: tuple, depth: int, shape: str) -> bytes:
+    """A real review with a value ``depth`` levels deep at ``path``."""
+    marker = "stunner-guard-test-marker"
+    text = encode(set_in(copy.deepcopy(DEEP_BASES[name]), path, marker)).decode()
+    return text.replace(json.dumps(marker), _nested(depth, shape)).encode()
+
+
+# A Deployment the operator does not own: the mutating webhook shapes its pod template.
+UNOWNED_DEPLOYMENT_REVIEW = "007-unowned-Deployment"
+DEEP_BASES = {
+    **REVIEWS,
+    UNOWNED_DEPLOYMENT_REVIEW: set_in(
+        REVIEWS[DEPLOYMENT_REVIEW],
+        ("request", "object", "metadata", "labels", OPERATOR_OWNED_LABEL),
+        "someone-else",
+    ),
+}
+DEEP_PLACES = [
+    pytest.param(DATAPLANE_REVIEW, ("request", "object", "spec", "affinity"), id="Dataplane spec"),
+    pytest.param(DATAPLANE_REVIEW, _DATAPLANE_ARGS, id="Dataplane args"),
+    pytest.param(
+        UNOWNED_DEPLOYMENT_REVIEW,
+        ("request", "object", "spec", "template", "spec", "affinity"),
+        id="Deployment pod template",
+    ),
+    pytest.param(POD_REVIEW, _CONTAINER + ("resources", "limits"), id="Pod container resources"),
+    pytest.param(POD_REVIEW, _CONTAINER + ("lifecycle",), id="Pod container lifecycle"),
+    pytest.param(POD_REVIEW, ("request", "object", "metadata", "labels"), id="Pod labels"),
+]
+
+
+@pytest.mark.parametrize("webhook", WEBHOOKS)
+@pytest.mark.parametrize("shape", ["map", "list"])
+@pytest.mark.parametrize(("name", "path"), DEEP_PLACES)
+def test_an_object_nested_500_deep_gets_a_400_naming_the_limit_and_the_field(
+    guard, webhook, shape, name, path
+):
+    response = post(guard, webhook, _with_nested(name, path, 500, shape))
+    assert response.status_code == 400
+    reason = assert_reason_in_plain_text(response)
+    assert f"nests more than {MAX_DEPTH} levels of maps and lists" in reason
+    assert f"at request.object.{'.'.join(map(str, path[2:4]))}" in reason.replace("[0]", ".0")
+    assert len(reason) < 1000
+
+
+@pytest.mark.parametrize("webhook", WEBHOOKS)
+@pytest.mark.parametrize(("name", "path"), DEEP_PLACES)
+def test_an_object_exactly_as_deep_as_the_limit_gets_an_applicable_answer(
+    guard, webhook, name, path
+):
+    # request.object is level 1; the value at ``path`` starts at level len(path) - 1.
+    body = _with_nested(name, path, MAX_DEPTH - (len(path) - 2), "map")
+    assert assert_contract(guard, webhook, body) is not None
+    deeper = _with_nested(name, path, MAX_DEPTH - (len(path) - 2) + 1, "map")
+    assert post(guard, webhook, deeper).status_code == 400
+
+
+@pytest.mark.parametrize("webhook", WEBHOOKS)
+@pytest.mark.parametrize("shape", ["map", "list"])
+def test_deep_values_in_fields_the_guard_does_not_walk_are_answered(guard, webhook, shape):
+    """Only what the rules copy is refused: a deep volume is the apiserver's business.
+    300 levels: more than orjson writes (254), so the answer cannot have copied it."""
+    body = _with_nested(POD_REVIEW, ("request", "object", "spec", "volumes"), 300, shape)
+    assert assert_contract(guard, webhook, body) is not None
+
+
+@pytest.mark.parametrize(
+    "annotation",
+    [
+        pytest.param("[" * 1000, id="1,000 ["),
+        pytest.param("[" * 1023 + "]" * 1023, id="1,023 nested lists"),
+        pytest.param('{"a": 1}', id="a JSON map"),
+        pytest.param('["kept", 1]', id="a list with a number"),
+        pytest.param("not json", id="not JSON"),
+        pytest.param(5, id="a number, not a string"),
+    ],
+)
+def test_an_unreadable_changes_annotation_is_replaced_and_said_so(guard, annotation):
+    """An annotation anyone may write (2 KB of ``[`` passes a real apiserver) once raised
+    RecursionError in the mutating webhook."""
+    path = ("request", "object", "metadata", "annotations", CHANGES_ANNOTATION)
+    review = set_in(copy.deepcopy(REVIEWS[POD_REVIEW]), path, annotation)
+    result = assert_contract(guard, "mutate", encode(review))
+    assert result is not None and "patched" in result
+    changes = json.loads(result["patched"]["metadata"]["annotations"][CHANGES_ANNOTATION])
+    assert changes and all(isinstance(c, str) and not c.startswith("[[") for c in changes)
+    assert "kept" not in changes
+    assert any(
+        w.startswith(f"stunner-guard replaced metadata.annotations[{CHANGES_ANNOTATION}]")
+        for w in result["warnings"]
+    )
+
+
+def test_a_readable_changes_annotation_is_kept_without_a_warning(guard):
+    path = ("request", "object", "metadata", "annotations", CHANGES_ANNOTATION)
+    review = set_in(copy.deepcopy(REVIEWS[POD_REVIEW]), path, '["earlier change"]')
+    result = assert_contract(guard, "mutate", encode(review))
+    changes = json.loads(result["patched"]["metadata"]["annotations"][CHANGES_ANNOTATION])
+    assert changes[0] == "earlier change" and len(changes) > 1
+    assert not any("replaced" in w for w in result["warnings"])
+
+
+# --------------------------------------------------------------------------- bugs stay short
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        pytest.param("recursion", id="RecursionError"),
+        pytest.param("x" * 100_000 + "\n" * 1_000, id="a 100 KB message over 1,000 lines"),
+    ],
+)
+def test_an_unexpected_exception_is_logged_in_one_short_line_and_answered_500(
+    monkeypatch, caplog, error
+):
+    """A bug path (no body reaches it): Flask's default logged the whole traceback, ~3,000
+    lines for one RecursionError, for every such request."""
+
+    def explode(*args):
+        if error == "recursion":
+            return explode(*args)
+        raise ValueError(error)
+
+    monkeypatch.setattr(dispatch, "decide", explode)
+    client = create_app(Settings(drainHost=DRAIN_HOST), kube=None).test_client()
+    with caplog.at_level(logging.ERROR):
+        response = post(client, "mutate", encode(REVIEWS[POD_REVIEW]))
+    assert response.status_code == 500
+    assert "a bug" in assert_reason_in_plain_text(response)
+    assert len(caplog.records) == 1
+    logged = caplog.text.strip()
+    assert "\n" not in logged and len(logged) < 4096, logged[:300]
+    record = caplog.records[0]
+    assert record.levelno == logging.ERROR
+    assert record.getMessage().startswith("POST /mutate failed: ")
+    assert "test_hostile.py:" in logged and "in explode)" in logged

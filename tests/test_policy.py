@@ -26,7 +26,13 @@ from webhooks.admission import dispatch
 from webhooks.admission.policy import API_DEFAULT_GRACE_SECONDS, get_in
 from webhooks.admission.quantities import quantity
 from webhooks.admission.stunnerd import effective_threads, go_int, thread_values
-from webhooks.names import CHANGES_ANNOTATION, DRAIN_ANNOTATION, DRAIN_TOKEN_LABEL
+from webhooks.names import (
+    CHANGES_ANNOTATION,
+    DRAIN_ANNOTATION,
+    DRAIN_TOKEN_LABEL,
+    MAX_RECORDED_CHANGE_CHARS,
+    MAX_RECORDED_CHANGES,
+)
 from webhooks.settings import (
     GracePeriod,
     LimitsPresent,
@@ -604,12 +610,66 @@ def test_every_change_is_listed_in_the_changes_annotation_and_warned():
     assert all(len(w) <= 120 for w in verdict.warnings)
 
 
+REQUEST_CPU = "spec.containers[stunner-daemon].resources.requests.cpu"
+
+
 def test_changes_annotation_merges_with_earlier_runs():
     pod = stunnerd_pod(resources={"requests": {"cpu": "4"}})
     pod["metadata"]["annotations"] = {CHANGES_ANNOTATION: json.dumps(["earlier change"])}
     _, mutated = run(pod)
     changes = json.loads(mutated["metadata"]["annotations"][CHANGES_ANNOTATION])
     assert changes[0] == "earlier change" and len(changes) > 1
+
+
+def test_re_applies_with_new_changes_keep_only_the_newest_changes():
+    """A GitOps loop re-applying a manifest whose CPU request keeps changing: the annotation
+    once grew by every change forever, towards the apiserver's 256 KiB annotation limit."""
+    _, pod = run(stunnerd_pod())  # the first run also adds the drain hook
+    runs = range(2, 2 + 3 * MAX_RECORDED_CHANGES)
+    for cpu in runs:
+        pod = copy.deepcopy(pod)
+        container(pod)["resources"] = {
+            "requests": {"cpu": str(cpu), "memory": "128Mi"},
+            "limits": {"cpu": "2", "memory": "512Mi"},
+        }
+        _, pod = run(pod)
+        changes = json.loads(pod["metadata"]["annotations"][CHANGES_ANNOTATION])
+        assert len(changes) <= MAX_RECORDED_CHANGES
+        assert changes[-1].startswith(f"{REQUEST_CPU}: {cpu} -> 1 "), changes[-1]
+    assert [c.split(": ")[1] for c in changes] == [
+        f"{cpu} -> 1 (requestsMinimal" for cpu in runs[-MAX_RECORDED_CHANGES:]
+    ]
+
+
+def test_a_change_made_again_moves_to_the_end_of_the_list():
+    pod = stunnerd_pod(resources={"requests": {"cpu": "4"}})
+    pod["metadata"]["labels"][DRAIN_TOKEN_LABEL] = "t0ken"  # the same hook path each run
+    _, first = run(pod)
+    made = json.loads(first["metadata"]["annotations"][CHANGES_ANNOTATION])
+    pod["metadata"]["annotations"] = {CHANGES_ANNOTATION: json.dumps([*made, "someone else"])}
+    _, again = run(pod)
+    assert json.loads(again["metadata"]["annotations"][CHANGES_ANNOTATION]) == [
+        "someone else",
+        *made,
+    ]
+
+
+def test_a_hostile_changes_annotation_leaves_a_bounded_one():
+    """Any client may write the annotation: 10,000 long entries of characters JSON escapes."""
+    hostile = [f"{i}: " + '\u0001"\u00e9\U0001f600' * 200 for i in range(10_000)]
+    pod = stunnerd_pod(resources={"requests": {"cpu": "4"}})
+    pod["metadata"]["annotations"] = {CHANGES_ANNOTATION: json.dumps(hostile)}
+    _, mutated = run(pod)
+    text = mutated["metadata"]["annotations"][CHANGES_ANNOTATION]
+    changes = json.loads(text)
+    assert len(changes) == MAX_RECORDED_CHANGES
+    assert all(len(c) <= MAX_RECORDED_CHANGE_CHARS for c in changes)
+    assert len(text.encode()) < 100_000
+    # The guard's own changes come last; before them, the newest of the earlier ones.
+    made = [c for c in changes if c.startswith("spec.")]
+    assert made and changes[-len(made) :] == made
+    earlier = [int(c.split(":")[0]) for c in changes[: -len(made)]]
+    assert earlier == list(range(10_000 - len(earlier), 10_000))
 
 
 IDEMPOTENCY_OBJECTS = [

@@ -7,6 +7,7 @@ import copy
 import json
 
 import jsonpatch
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -92,3 +93,62 @@ def test_copy_tree_is_an_equal_independent_copy(tree):
     assert copied == tree
     if isinstance(tree, dict | list) and tree:
         assert copied is not tree
+
+
+def chain(levels: int, key: str = "a/b", bottom="x"):
+    """``levels`` maps one inside the other: {"a/b": {"a/b": ... bottom}}."""
+    tree = bottom
+    for _ in range(levels):
+        tree = {key: tree}
+    return tree
+
+
+def test_copying_a_tree_nested_past_the_limit_is_refused_with_its_path():
+    """A 500-level Dataplane spec exhausted Python's stack in copy_tree (RecursionError)."""
+    with pytest.raises(review.TooDeep) as refused:
+        copy_tree(chain(500), ("spec", "containers", 0, "resources"))
+    assert refused.value.status == 400
+    assert refused.value.reason.startswith(
+        f"request.object nests more than {review.MAX_DEPTH} levels of maps and lists"
+    )
+    # The path the reason names: the object's path, then the first keys down the chain.
+    assert "at request.object.spec.containers[0].resources.a/b.a/b.a/b.a/b..." in str(refused.value)
+    assert f"({review.MAX_DEPTH} levels down)" in str(refused.value)
+
+
+@pytest.mark.parametrize("where", [(), ("spec",), ("spec", "template", "spec")])
+def test_the_copy_limit_counts_levels_from_the_object(where):
+    fits = review.MAX_DEPTH - len(where)
+    assert copy_tree(chain(fits), where) == chain(fits)
+    with pytest.raises(review.TooDeep):
+        copy_tree(chain(fits + 1), where)
+
+
+def test_diffing_trees_nested_past_the_limit_is_refused_not_a_recursion_error():
+    """_diff walks where the trees differ: two deep trees that differ at the bottom."""
+    original, desired = chain(2_000, bottom="x"), chain(2_000, bottom="y")
+    with pytest.raises(review.TooDeep) as refused:
+        review.patched(original, desired)
+    assert "at request.object.a/b.a/b" in str(refused.value)
+    # Identical members are skipped without looking inside, however deep.
+    shared = chain(500)
+    assert review.patched({"deep": shared, "n": 1}, {"deep": shared, "n": 2}).patch == [
+        {"op": "replace", "path": "/n", "value": 2}
+    ]
+
+
+def test_finding_the_deep_path_ends_on_a_cycle():
+    """YAML anchors can make a tree that contains itself (the offline check reads YAML)."""
+    loop: list = []
+    loop.append({"again": loop})
+    path = review.path_past(loop, 10)
+    assert path is not None and len(path) == 10
+    assert review.path_past(chain(10), 10) is None
+    assert review.path_past(chain(11), 10) == ("a/b",) * 10
+
+
+def test_a_long_path_is_shown_cut():
+    shown = review.show_path(("k" * 1000, 0, *["a"] * 200))
+    assert len(shown) < 200
+    assert shown.startswith("request.object." + "k" * review.SHOWN_KEY_CHARS + "...[0].a.a")
+    assert shown.endswith("(202 levels down)")

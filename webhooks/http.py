@@ -4,16 +4,54 @@ from __future__ import annotations
 
 import contextlib
 import time
+from pathlib import PurePath
 
 import orjson
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Flask, Response, current_app, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from webhooks import metrics as metric_labels
 from webhooks.admission import dispatch, review
 from webhooks.service import Service
 
 blueprint = Blueprint("stunner_guard", __name__)
 DISCARD_OVERSIZED_FACTOR = 4
+# The ``kind`` label: a kind the guard handles (Pod, Deployment, Dataplane,
+# HorizontalPodAutoscaler) in its own API group, else "other" (metrics.py: labels come
+# from closed sets, never from the request).
+HANDLED_KINDS = {(group, kind): kind for group, kind in dispatch.HANDLERS}
+# An unexpected exception is logged in one line of at most about this many characters.
+LOGGED_MESSAGE_CHARS = 500
+LOGGED_PATH_CHARS = 200
+
+
+class App(Flask):
+    """Flask, logging an unexpected exception in one bounded line. Flask's own
+    log_exception writes the whole traceback: a RecursionError wrote ~3,000 lines per
+    request, so any client could fill the node's disk and bury every other log line."""
+
+    def log_exception(self, exc_info) -> None:
+        self.logger.error("%s", one_line(exc_info))
+
+
+def one_line(exc_info) -> str:
+    """``POST /mutate failed: RecursionError: maximum recursion depth exceeded (at
+    admission/rules/common.py:31 in _copy)``: the type, the message cut, the innermost
+    frame; no traceback."""
+    kind, error, trace = exc_info
+    where = ""
+    if trace is not None:
+        while trace.tb_next is not None:
+            trace = trace.tb_next
+        code = trace.tb_frame.f_code
+        where = f" (at {'/'.join(PurePath(code.co_filename).parts[-3:])}:{trace.tb_lineno}"
+        where += f" in {code.co_name})"
+    message = " ".join(str(error).split())
+    if len(message) > LOGGED_MESSAGE_CHARS:
+        message = message[: LOGGED_MESSAGE_CHARS - 3] + "..."
+    path = request.path[:LOGGED_PATH_CHARS]
+    name = kind.__name__ if kind is not None else "error"
+    return f"{request.method} {path} failed: {name}: {message}{where}"
 
 
 def _service() -> Service:
@@ -51,13 +89,17 @@ def _admit(webhook: str) -> Response:
         return _plain(408, f"body not received in time: {err}")
     try:
         req = review.parse(body, limit)
+        # The rules refuse (TooDeep) an object nested too deeply to walk.
+        verdict = dispatch.decide(req, webhook, service)
     except review.BadReview as err:
         service.metrics.bad_requests.labels(webhook, str(err.status)).inc()
         return _plain(err.status, err.reason)
-    verdict = dispatch.decide(req, webhook, service)
     answer = review.encode(req.uid, verdict, mutating=webhook == dispatch.MUTATE)
     service.metrics.admission_requests.labels(
-        webhook, req.kind, req.operation or "-", verdict.label
+        webhook,
+        HANDLED_KINDS.get((req.group, req.kind), metric_labels.OTHER),
+        metric_labels.closed(req.operation, metric_labels.OPERATIONS),
+        verdict.label,
     ).inc()
     service.metrics.admission_latency.labels(webhook).observe(time.perf_counter() - started)
     return _json(answer)
@@ -128,3 +170,9 @@ def method_not_allowed(err) -> Response:
 @blueprint.app_errorhandler(404)
 def not_found(err) -> Response:
     return _plain(404, f"no endpoint at {request.path}")
+
+
+@blueprint.app_errorhandler(500)
+def internal_error(err) -> Response:
+    """A bug, logged by App.log_exception; the client gets a short reason, not a page."""
+    return _plain(500, "stunner-guard failed on this request (a bug; see its log)")

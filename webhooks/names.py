@@ -11,8 +11,14 @@ OPERATOR_OWNED_VALUE = "stunner"
 DRAIN_TOKEN_LABEL = "stunner-guard.l7mp.io/drain-token"
 
 # JSON list of what the guard changed on the object, one "field: before -> after (rule)"
-# string per change; merged on reinvocation, never dropped.
+# string per change, oldest first; merged on reinvocation and re-apply (a change made again
+# moves to the end). It keeps the newest MAX_RECORDED_CHANGES, each cut to
+# MAX_RECORDED_CHANGE_CHARS: under 100 KB even of hostile text (6 bytes a character at
+# most, a JSON-escaped control character), about 10 KB in practice, so re-applies never
+# bring an object near the apiserver's 256 KiB limit on all its annotations together.
 CHANGES_ANNOTATION = "stunner-guard.l7mp.io/changes"
+MAX_RECORDED_CHANGES = 50
+MAX_RECORDED_CHANGE_CHARS = 300
 
 # Why drain is off for a pod (a user preStop was kept).
 DRAIN_ANNOTATION = "stunner-guard.l7mp.io/drain"

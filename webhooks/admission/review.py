@@ -10,7 +10,14 @@ HTTP error contract (kept apart from policy verdicts):
     kind is not AdmissionReview                       400, reason
     no ``request`` object, no ``request.uid``         400, reason
     no ``request.kind`` {group, version, kind}        400, reason
+    nested more than 1024 levels (orjson's limit)     400, reason (not JSON)
+    request.object nested more than MAX_DEPTH (100)   400, reason naming the field, where
+      levels of maps and lists in a field the guard   the rules copy or diff (a Dataplane's
+      copies to edit                                  spec, a pod template's spec, a
+                                                      container's resources, args...)
     a well-formed review                              200, AdmissionReview with verdict
+
+No body reaches a 500: an exception is a bug (http.py logs it in one line).
 
 Response rules the apiserver enforces (k8s.io/apiserver .../request/admissionreview.go):
 echo apiVersion, kind and request.uid; ``patch`` and ``patchType: JSONPatch`` together or
@@ -32,6 +39,14 @@ KIND = "AdmissionReview"
 MAX_WARNING_CHARS = 120
 MAX_WARNINGS = 20
 ELLIPSIS = "..."
+# How many levels of maps and lists request.object may nest where the guard walks it. Real
+# objects are far shallower (a Pod's deepest field, inside managedFields, is about 15 levels
+# down), and the walks stay well inside Python's recursion limit and orjson's encoder, which
+# refuses more than 254 levels. A client that is not the apiserver could send up to 1024.
+MAX_DEPTH = 100
+# Path segments shown in a TooDeep reason before "...": the first few say which field.
+SHOWN_PATH_SEGMENTS = 8
+SHOWN_KEY_CHARS = 40
 
 
 class BadReview(Exception):
@@ -41,6 +56,54 @@ class BadReview(Exception):
         super().__init__(reason)
         self.reason = reason
         self.status = status
+
+
+FieldPath = tuple[str | int, ...]
+
+
+class TooDeep(BadReview):
+    """A part of request.object the guard walks nests more than MAX_DEPTH levels (400).
+
+    ``where`` is the path of ``value`` in the object; the reason names the path down to the
+    first map or list found past the limit."""
+
+    def __init__(self, where: FieldPath, value: Any) -> None:
+        path = where + (path_past(value, MAX_DEPTH - len(where)) or ())
+        super().__init__(
+            f"request.object nests more than {MAX_DEPTH} levels of maps and lists, the "
+            f"guard's limit (Kubernetes objects are far shallower), at {show_path(path)}"
+        )
+
+
+def path_past(value: Any, levels: int) -> FieldPath | None:
+    """The path from ``value`` to the first map or list found more than ``levels`` levels
+    down (``value`` itself being level 1), or None when it nests no deeper. An explicit
+    stack: this is the check for trees too deep to recurse on. It stops at the first find,
+    so a cycle (YAML anchors can make one) ends it too."""
+    stack: list[tuple[Any, FieldPath]] = [(value, ())]
+    while stack:
+        node, path = stack.pop()
+        if not isinstance(node, dict | list):
+            continue
+        if len(path) >= levels:
+            return path
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        stack.extend((child, (*path, key)) for key, child in items)
+    return None
+
+
+def show_path(path: FieldPath, root: str = "request.object") -> str:
+    """``request.object.spec.containers[0].args``: the first segments of a path, each key
+    cut, with the number of levels when the rest is left out."""
+    text = root
+    for key in path[:SHOWN_PATH_SEGMENTS]:
+        if isinstance(key, int):
+            text += f"[{key}]"
+        else:
+            text += f".{key[:SHOWN_KEY_CHARS]}{'...' if len(key) > SHOWN_KEY_CHARS else ''}"
+    if len(path) > SHOWN_PATH_SEGMENTS:
+        text += f"... ({len(path)} levels down)"
+    return text
 
 
 @dataclass(frozen=True)
@@ -103,11 +166,11 @@ def patched(original: Any, desired: Any, warnings: list[str] | tuple[str, ...] =
     """Allowed, with the JSONPatch that turns ``original`` (the dict that came in the
     request) into ``desired``."""
     ops: list[dict] = []
-    _diff(original, desired, "", ops)
+    _diff(original, desired, "", ops, 0)
     return Verdict(True, tuple(warnings), patch=ops)
 
 
-def _diff(a: Any, b: Any, pointer: str, ops: list[dict]) -> None:
+def _diff(a: Any, b: Any, pointer: str, ops: list[dict], depth: int) -> None:
     """Append to ``ops`` the JSONPatch (RFC 6902) operations that turn ``a`` into ``b``.
 
     Rules edit a copy that shares every untouched member with the request's object
@@ -118,16 +181,22 @@ def _diff(a: Any, b: Any, pointer: str, ops: list[dict]) -> None:
     Leaves compare by type too: ``True == 1`` in Python, not in JSON.
 
     jsonpatch.make_patch gave the same patches at several times the cost (it serializes
-    members to compare them); the tests apply every patch with jsonpatch."""
+    members to compare them); the tests apply every patch with jsonpatch.
+
+    ``depth`` counts the maps and lists above ``a``. Both sides are only walked where they
+    differ, which is inside what the rules copied (copy_tree refuses more than MAX_DEPTH
+    levels), so the limit here holds for any caller rather than being reached."""
     if a is b:
         return
+    if depth >= MAX_DEPTH and isinstance(b, dict | list):
+        raise TooDeep(tuple(_unescape(k) for k in pointer.split("/")[1:]), b)
     if isinstance(a, dict) and isinstance(b, dict):
         kept = 0  # members of b that a has: fewer than len(a), and a lost some
         for key, value in b.items():
             if key in a:
                 kept += 1
                 if a[key] is not value:
-                    _diff(a[key], value, f"{pointer}/{_escape(key)}", ops)
+                    _diff(a[key], value, f"{pointer}/{_escape(key)}", ops, depth + 1)
             else:
                 ops.append({"op": "add", "path": f"{pointer}/{_escape(key)}", "value": value})
         if kept < len(a):
@@ -137,7 +206,7 @@ def _diff(a: Any, b: Any, pointer: str, ops: list[dict]) -> None:
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
         for index, (x, y) in enumerate(zip(a, b, strict=True)):
             if x is not y:
-                _diff(x, y, f"{pointer}/{index}", ops)
+                _diff(x, y, f"{pointer}/{index}", ops, depth + 1)
         return
     if type(a) is type(b) and not isinstance(a, dict | list) and a == b:
         return
@@ -147,6 +216,10 @@ def _diff(a: Any, b: Any, pointer: str, ops: list[dict]) -> None:
 def _escape(key: str) -> str:
     """A map key as a JSON Pointer reference token (RFC 6901: ``~`` first, then ``/``)."""
     return key.replace("~", "~0").replace("/", "~1") if "~" in key or "/" in key else key
+
+
+def _unescape(token: str) -> str:
+    return token.replace("~1", "/").replace("~0", "~")
 
 
 def _require(mapping: dict, key: str, kind: type, where: str) -> Any:
