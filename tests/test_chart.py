@@ -50,6 +50,7 @@ from tests.standin_apiserver import send_json
 from webhooks import certs
 from webhooks.admission import dispatch, stunnerd
 from webhooks.service import Service
+from webhooks.serving import HARD_STOP_MARGIN_SECONDS
 from webhooks.settings import DrainSettings, Policy, from_env, load_policy_document
 
 REPO = Path(__file__).resolve().parent.parent
@@ -96,6 +97,19 @@ MODES: dict[str, dict] = {
         "webhooks": {"excludeNamespaces": ["legacy"]},
     },
     "warn-first": {"policy": {"allRulesMode": "warn"}},
+    "network-policy-pinned-ip-short-grace": {
+        "networkPolicy": {
+            "enabled": True,
+            "apiserverCIDRs": ["172.16.0.0/28"],
+            "nodeCIDRs": ["10.0.0.0/16", "172.16.0.0/28"],
+            "metricsFrom": [
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "mon"}}}
+            ],
+        },
+        "service": {"clusterIP": "10.96.0.42"},
+        "shutdown": {"endpointDelaySeconds": 5},
+        "policy": {"rules": {"gracePeriod": {"max": 5400}}},
+    },
     "hard-anti-affinity-3-replicas": {
         "replicaCount": 3,
         "podAntiAffinity": "hard",
@@ -1092,6 +1106,68 @@ def test_the_guard_runs_at_least_two_spread_replicas(mode, chart):
     assert _selector_matches(
         {"matchLabels": selector}, deployment["spec"]["template"]["metadata"]["labels"]
     )
+
+
+def test_a_stopping_guard_pod_outlives_the_longest_drain_it_may_hold(mode, chart):
+    """The guard's own shutdown (README "Shutdown and rollouts"): the preStop sleep, then
+    gunicorn's graceful timeout covering the longest stunnerd grace the policy allows, then
+    the pod's grace covering both; new pods up before old ones stop."""
+    values = mode_values(mode)
+    deployment = chart.one("Deployment")
+    pod_spec = deployment["spec"]["template"]["spec"]
+    env = env_of(chart)
+    delay = values["shutdown"]["endpointDelaySeconds"]
+    assert container(chart)["lifecycle"]["preStop"] == {"sleep": {"seconds": delay}} and delay > 0
+    graceful = int(env["GUNICORN_GRACEFUL_TIMEOUT"])
+    longest_drain = values["policy"]["rules"]["gracePeriod"]["max"]
+    # Held drains are answered HARD_STOP_MARGIN_SECONDS before the graceful timeout.
+    assert graceful - HARD_STOP_MARGIN_SECONDS >= longest_drain
+    assert pod_spec["terminationGracePeriodSeconds"] >= delay + graceful + 5
+    rolling = deployment["spec"]["strategy"]["rollingUpdate"]
+    assert rolling["maxUnavailable"] == 0 and rolling["maxSurge"] >= 1
+    assert deployment["spec"]["minReadySeconds"] > 0
+
+
+def test_a_pod_grace_too_short_for_the_drains_fails_the_render():
+    with pytest.raises(Exception, match="terminationGracePeriodSeconds .* must cover"):
+        render({"terminationGracePeriodSeconds": 600})
+    ok = render({"terminationGracePeriodSeconds": 20000})
+    assert (
+        ok.one("Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 20000
+    )
+
+
+def test_validation_denies_fixable_findings_only_when_mutation_cannot_fail_open(mode, chart):
+    mutating = mode_values(mode)["webhooks"]["mutating"]["failurePolicy"]
+    expected = "deny" if mutating == "Fail" else "warn"
+    assert env_of(chart)["STUNNER_GUARD_FIXABLE_FINDINGS"] == expected
+
+
+def test_the_network_policy_admits_exactly_the_apiserver_the_nodes_and_metrics_peers():
+    rendered = _render_mode("network-policy-pinned-ip-short-grace")
+    policy = rendered.one("NetworkPolicy")
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert (
+        policy["spec"]["podSelector"]["matchLabels"]
+        == (rendered.one("Deployment")["spec"]["selector"]["matchLabels"])
+    )
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"port": "https", "protocol": "TCP"}]
+    assert rule["from"] == [
+        {"ipBlock": {"cidr": "172.16.0.0/28"}},
+        {"ipBlock": {"cidr": "10.0.0.0/16"}},
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "mon"}}},
+    ]
+    assert rendered.one("Service")["spec"]["clusterIP"] == "10.96.0.42"
+    assert "NetworkPolicy" not in {o["kind"] for o in _render_mode("defaults").objects}
+
+
+@pytest.mark.parametrize("missing", ["apiserverCIDRs", "nodeCIDRs"])
+def test_a_network_policy_without_its_cidrs_fails_the_render(missing):
+    values = {"enabled": True, "apiserverCIDRs": ["172.16.0.0/28"], "nodeCIDRs": ["10.0.0.0/16"]}
+    values[missing] = []
+    with pytest.raises(Exception, match="networkPolicy.enabled needs"):
+        render({"networkPolicy": values})
 
 
 def test_the_guard_pod_meets_the_restricted_pod_security_standard(chart):
