@@ -71,6 +71,11 @@ def test_a_policy_document_overlays_the_defaults():
             id="negative-quantity",
         ),
         pytest.param(
+            {"rules": {"limitsSane": {"maxCpu": "\uff12"}}},
+            "rules.limitsSane.maxCpu: '\uff12' is not a non-negative Kubernetes quantity",
+            id="fullwidth-digit-quantity",
+        ),
+        pytest.param(
             {"rules": {"listenerThreads": {"max": "16"}}},
             "rules.listenerThreads.max: '16' is not a non-negative integer",
             id="string-int",
