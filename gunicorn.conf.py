@@ -19,6 +19,7 @@ import gc
 import os
 import resource
 
+from webhooks import logs
 from webhooks.settings import from_env
 
 # The policy file's drain section (the same file the app reads): fail here, before any
@@ -60,6 +61,8 @@ keyfile = os.environ.get("STUNNER_GUARD_KEY_FILE", "certs/tls.key")
 accesslog = os.environ.get("GUNICORN_ACCESSLOG") or None
 errorlog = "-"
 loglevel = os.environ.get("GUNICORN_LOGLEVEL", "info")
+# LOG_FORMAT=text|json: one line per event, for people or for a log pipeline (webhooks/logs.py).
+log_format = logs.log_format()
 # gunicorn >= 25 opens a control socket under $HOME by default: unused here, it would
 # collide between instances and fail on the chart's read-only root filesystem.
 control_socket_disable = True
@@ -72,6 +75,11 @@ _wanted = worker_connections + _drain.maxConcurrent + 256
 if _soft != resource.RLIM_INFINITY and _soft < _wanted:
     _raised = _wanted if _hard == resource.RLIM_INFINITY else min(_wanted, _hard)
     resource.setrlimit(resource.RLIMIT_NOFILE, (_raised, _hard))
+
+
+def on_starting(server) -> None:
+    """The master, before it forks the worker: the service and gunicorn log in one format."""
+    logs.configure(log_format, loglevel)
 
 
 def post_worker_init(worker) -> None:

@@ -1,4 +1,4 @@
-"""``python -m bench [admission|drain|all]`` (default all): run the load benchmarks."""
+"""``python -m bench [admission|drain|hostile|all]`` (default all): run the load benchmarks."""
 
 from __future__ import annotations
 
@@ -6,36 +6,18 @@ import argparse
 import importlib
 import sys
 
-
-def _drain_main():
-    """bench.drain's main(), when that benchmark is present."""
-    try:
-        module = importlib.import_module("bench.drain")
-    except ModuleNotFoundError as err:
-        if err.name != "bench.drain":
-            raise
-        return None
-    return getattr(module, "main", None)
+BENCHMARKS = ("admission", "drain", "hostile")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("which", nargs="?", default="all", choices=["admission", "drain", "all"])
+    parser.add_argument("which", nargs="?", default="all", choices=[*BENCHMARKS, "all"])
     args = parser.parse_args(argv)
     status = 0
-    if args.which in ("admission", "all"):
-        from bench import admission
-
-        status |= admission.main() or 0
-    if args.which in ("drain", "all"):
-        drain = _drain_main()
-        if drain is None:
-            print("drain benchmark: bench/drain.py has no main(); skipped", file=sys.stderr)
-            status |= 1 if args.which == "drain" else 0
-        else:
-            if args.which == "all":
-                print()
-            status |= drain() or 0
+    for name in BENCHMARKS if args.which == "all" else (args.which,):
+        if args.which == "all" and name != BENCHMARKS[0]:
+            print()
+        status |= importlib.import_module(f"bench.{name}").main() or 0
     return status
 
 

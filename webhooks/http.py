@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from pathlib import PurePath
 
@@ -10,10 +11,12 @@ import orjson
 from flask import Blueprint, Flask, Response, current_app, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from webhooks import logs
 from webhooks import metrics as metric_labels
 from webhooks.admission import dispatch, review
 from webhooks.service import Service
 
+log = logging.getLogger(__name__)
 blueprint = Blueprint("stunner_guard", __name__)
 DISCARD_OVERSIZED_FACTOR = 4
 # The ``kind`` label: a kind the guard handles (Pod, Deployment, Dataplane,
@@ -75,25 +78,23 @@ def _admit(webhook: str) -> Response:
     # connection closes sees a reset instead of the 413, so a body up to a few times the
     # limit is read and dropped first; anything larger is cut off.
     if request.content_length is not None and request.content_length > limit:
-        service.metrics.bad_requests.labels(webhook, "413").inc()
         if request.content_length <= DISCARD_OVERSIZED_FACTOR * limit:
             with contextlib.suppress(TimeoutError):
                 while request.stream.read(1 << 16):
                     pass
-        return _plain(413, f"body of {request.content_length} bytes exceeds the {limit}-byte limit")
+        reason = f"body of {request.content_length} bytes exceeds the {limit}-byte limit"
+        return _refuse(service, webhook, 413, reason)
     try:
         body = _read_body(limit)
     except TimeoutError as err:
         # A streamed body (chunked) still arriving at the request deadline (serving.py).
-        service.metrics.bad_requests.labels(webhook, "408").inc()
-        return _plain(408, f"body not received in time: {err}")
+        return _refuse(service, webhook, 408, f"body not received in time: {err}")
     try:
         req = review.parse(body, limit)
         # The rules refuse (TooDeep) an object nested too deeply to walk.
         verdict = dispatch.decide(req, webhook, service)
     except review.BadReview as err:
-        service.metrics.bad_requests.labels(webhook, str(err.status)).inc()
-        return _plain(err.status, err.reason)
+        return _refuse(service, webhook, err.status, err.reason)
     answer = review.encode(req.uid, verdict, mutating=webhook == dispatch.MUTATE)
     service.metrics.admission_requests.labels(
         webhook,
@@ -103,6 +104,27 @@ def _admit(webhook: str) -> Response:
     ).inc()
     service.metrics.admission_latency.labels(webhook).observe(time.perf_counter() - started)
     return _json(answer)
+
+
+# Refused bodies are logged (one line each: status, reason, client), at most this many a
+# second; any client can send them at will.
+_refusals_logged = logs.Throttle(per_second=10)
+
+
+def _refuse(service: Service, webhook: str, status: int, reason: str) -> Response:
+    """A body that is not an AdmissionReview this service can answer: counted, logged,
+    answered with the reason in plain text."""
+    service.metrics.bad_requests.labels(webhook, str(status)).inc()
+    left_out = _refusals_logged.take()
+    if left_out is not None:
+        log.info(
+            "refused a body on /%s: %s %s",
+            webhook,
+            status,
+            reason,
+            extra={"client": request.remote_addr, "status": status, "left_out": left_out},
+        )
+    return _plain(status, reason)
 
 
 def _read_body(limit: int) -> bytes:
