@@ -24,7 +24,8 @@ from tests.fake_stunnerd import OTEL_LABELS, FakeStunnerdFleet, Target
 from tests.standin_apiserver import StandinAPIServer, stunnerd_pod
 from webhooks.kube import Kube
 from webhooks.lifecycle import scrape
-from webhooks.lifecycle.drain import DRAINED, Drainer, DrainPod
+from webhooks.lifecycle.drain import DRAINED, Drainer
+from webhooks.lifecycle.podwatch import DrainPod
 from webhooks.lifecycle.scrape import (
     READER_NICENESS,
     RESULTS_BATCH_MAX,
