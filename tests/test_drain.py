@@ -298,7 +298,16 @@ def test_a_call_before_the_watch_shows_the_delete_is_confirmed_by_a_fresh_read(c
 
 @pytest.mark.parametrize(
     ("namespace", "token"),
-    [("Media", "tok"), (NS, "-tok"), (NS, "x" * 64), ("a" * 64, "tok"), (NS, "tok/../x")],
+    [
+        ("Media", "tok"),
+        (NS, "-tok"),
+        (NS, "x" * 64),
+        ("a" * 64, "tok"),
+        (NS, "tok/../x"),
+        # "$" in a regex also matches before a final newline: /drain/media/tok%0A.
+        (NS, "tok\n"),
+        (f"{NS}\n", "tok"),
+    ],
 )
 def test_a_path_that_is_no_namespace_and_token_is_404_without_asking_the_api(
     cluster, namespace, token
@@ -785,6 +794,16 @@ def test_the_drain_routes_answer_kubelet_shaped_requests_with_json(cluster, call
         assert (missing.status_code, missing.get_json()["outcome"]) == (404, "not_found")
     finally:
         service.close()
+
+
+def test_a_percent_encoded_newline_in_the_path_never_reaches_the_api(cluster):
+    app = create_app(Settings(drain=FAST), kube=Kube.for_host(cluster.api.url, timeout=1.0))
+    try:
+        response = app.test_client().get(f"/drain/{NS}/tok%0A", headers=KUBELET)
+        assert (response.status_code, response.get_json()["outcome"]) == (404, "not_found")
+        assert cluster.api.count() == 0
+    finally:
+        app.extensions["stunner_guard"].close()
 
 
 def test_a_head_request_never_starts_a_drain():

@@ -79,9 +79,10 @@ STATUS = {
     STOPPED: 503,
 }
 
-# What the path may carry: a namespace is a DNS-1123 label, the token a label value.
-_NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+# What the path may carry: a namespace is a DNS-1123 label, the token a label value. Used
+# with fullmatch: "$" would also match before a final newline (/drain/media/tok%0A).
+_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_LABEL_VALUE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
 
 # Reads fall due on a grid of this step, so that one pass of the drain loop starts (and
 # one select() collects) many pods' reads instead of one: a thousand pods cost fewer loop
@@ -235,7 +236,7 @@ class Drainer:
 
     def _refusal(self, namespace: str, token: str) -> Answer | None:
         """An answer that needs no pod: bad path, unwatched namespace, no cluster."""
-        if not (_NAMESPACE.match(namespace) and _LABEL_VALUE.match(token)):
+        if not (_NAMESPACE.fullmatch(namespace) and _LABEL_VALUE.fullmatch(token)):
             return Answer(NOT_FOUND, f"{namespace!r}/{token!r} is not a namespace and drain token")
         if not self.settings.watches(namespace):
             return Answer(NOT_FOUND, f"namespace {namespace} is not watched by stunner-guard")
