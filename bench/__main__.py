@@ -1,4 +1,5 @@
-"""``python -m bench [admission|drain|all]`` (default all): run the load benchmarks."""
+"""``python -m bench [admission|drain|drain-lookups|all]`` (default all): run the load
+benchmarks."""
 
 from __future__ import annotations
 
@@ -20,9 +21,18 @@ def _drain_main():
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("which", nargs="?", default="all", choices=["admission", "drain", "all"])
+    parser.add_argument(
+        "which",
+        nargs="?",
+        default="all",
+        choices=["admission", "drain", "drain-lookups", "all"],
+    )
     args = parser.parse_args(argv)
     status = 0
+    if args.which == "drain-lookups":
+        from bench import drain as drain_bench
+
+        return drain_bench.main_lookups()
     if args.which in ("admission", "all"):
         from bench import admission
 

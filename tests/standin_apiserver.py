@@ -21,6 +21,7 @@ Use it as a context manager::
         kube = Kube.for_host(api.url)                                # or directly
         api.terminate("media", "udp-gateway-abc", grace_seconds=30)  # MODIFIED event
         api.drop_watches(); api.stop(); api.start()                  # failures
+        api.watch_status = 503; api.hold_watch_events()              # a watch down, lagging
         api.count("watch", "/api/v1/pods"); api.events_for("media", "udp-gateway-abc")
 """
 
@@ -164,6 +165,10 @@ class StandinAPIServer:
         self.events: list[dict] = []
         # When set, event creation is answered with this HTTP status (e.g. 403: no RBAC).
         self.event_status: int | None = None
+        # When set, every watch request is answered with this HTTP status (e.g. 503, as an
+        # overloaded apiserver answers): lists and gets still work, no watch stays open.
+        self.watch_status: int | None = None
+        self._watch_events_held = False
         self._server: ThreadingHTTPServer | None = None
         self._connections: set[socket.socket] = set()
 
@@ -285,6 +290,13 @@ class StandinAPIServer:
         apiserver or a load balancer would."""
         with self._cond:
             self._watch_generation += 1
+            self._cond.notify_all()
+
+    def hold_watch_events(self, held: bool = True) -> None:
+        """While held, open watches stay open but deliver nothing (a watch lagging behind
+        the apiserver); released, they catch up in order."""
+        with self._cond:
+            self._watch_events_held = held
             self._cond.notify_all()
 
     def compact(self) -> None:
@@ -473,6 +485,9 @@ class _Handler(BaseHTTPRequestHandler):
             return send_json(self, 400, _status(400, "BadRequest", str(err)))
         if not watching:
             return send_json(self, 200, standin._list(kind, m["namespace"], selector))
+        if standin.watch_status is not None:
+            code = standin.watch_status
+            return send_json(self, code, _status(code, "ServiceUnavailable", "watch refused"))
         return self._watch(kind, m["namespace"], selector, query)
 
     def do_POST(self) -> None:
@@ -542,7 +557,7 @@ class _Handler(BaseHTTPRequestHandler):
                 with standin._cond:
                     while True:
                         start = bisect.bisect_right(standin._history_rvs, cursor)
-                        pending = standin._history[start:]
+                        pending = [] if standin._watch_events_held else standin._history[start:]
                         dropped = generation != standin._watch_generation
                         remaining = deadline - time.monotonic()
                         if pending or dropped or remaining <= 0:

@@ -141,9 +141,9 @@ class DrainSettings:
     # Held drain calls occupy gunicorn threads; calls beyond this cap get 503 at once.
     # gunicorn.conf.py sizes its thread pool as this plus threads kept for admission.
     maxConcurrent: int = 1000
-    # How long a drain call may wait for the pod watch's first list, and, when a fresh
-    # API read cannot be made, for the watch to show the deletionTimestamp (kubelet calls
-    # 50-120 ms after the delete) before answering.
+    # How long a drain call waits for the pod watch to show a known pod's
+    # deletionTimestamp (kubelet calls 50-120 ms after the delete) before one fresh API
+    # read decides; also the longest wait for the watch's first list.
     confirmSeconds: float = 2.0
 
 

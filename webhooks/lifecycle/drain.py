@@ -11,7 +11,8 @@ are for people and logs:
     ----------------------------------------------------------------  -------------------
     malformed namespace/token, namespace not watched, no such pod     404 not_found
     pod not terminating (no deletionTimestamp)                        409 not_terminating
-    no Kubernetes API (none configured, or unreachable to confirm)    503 api_unavailable
+    no Kubernetes API (none configured, unreachable to confirm, or    503 api_unavailable
+      the fresh-read rate limit spent)
     drain.maxConcurrent calls already held                            503 over_capacity
     allocations not observable (refused, no pod IP, metric absent,    502 unobservable
       or drain.maxFailedReads failed reads in a row)
@@ -21,7 +22,9 @@ are for people and logs:
     stunner-guard shutting down while held                            503 stopped
 
 Only a real, observable termination blocks (drained, deadline, pod_deleted, stopped, and
-unobservable after failed reads); everything else answers at once. Per process: one pod
+unobservable after failed reads); everything else answers at once, or, for a pod the watch
+knows but does not show terminating, once drain.confirmSeconds have passed and a fresh
+API read agrees (Drainer._terminating_pod). Per process: one pod
 watch (label selector on the drain token label) instead of API calls per request, one
 waiter per pod however many duplicate calls arrive, at most one metrics read per pod per
 poll interval, and one drain loop thread that schedules every read. The reads themselves
@@ -44,6 +47,7 @@ import selectors
 import socket
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -88,6 +92,18 @@ _LABEL_VALUE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
 # one select() collects) many pods' reads instead of one: a thousand pods cost fewer loop
 # passes. It delays a read by this much at most.
 READ_SLOT_SECONDS = 0.02
+# A drain call for a token the pod watch (open, in sync) has not seen waits this long for
+# its ADDED event, then answers 404 without asking the API: every stunnerd pod carries its
+# token from its CREATE, long before kubelet can run its preStop, so an unseen token is
+# one the guard never stamped (a typo, a probe, or a caller trying to make the guard hammer
+# the apiserver with a LIST per call).
+UNSEEN_TOKEN_WAIT_SECONDS = 0.25
+# Fresh API reads (the watch is down, or it has not shown a known pod's deletionTimestamp
+# within drain.confirmSeconds): at most this many per second after a burst, and calls for
+# the same token share one read. A call that finds no read left within its
+# confirmSeconds answers 503 at once, as when the API is unreachable.
+FRESH_READS_PER_SECOND = 5.0
+FRESH_READ_BURST = 10
 # The reader ends a read at drain.scrapeTimeoutSeconds (and its result may wait up to
 # scrape.RESULTS_EVERY_SECONDS to go out with others); one not answered this much later is
 # stuck (or still starting), and the read counts as failed.
@@ -119,6 +135,114 @@ class Answer:
             "seconds": round(self.seconds, 3),
             "message": self.message,
         }
+
+
+# --------------------------------------------------------------------------- fresh reads
+
+
+class ReadsExhausted(KubeUnavailable):
+    """No fresh read could be made in time: the rate limit's reads were all taken."""
+
+
+@dataclass(eq=False)
+class _Flight:
+    """One fresh read of the pods carrying a token, shared by the calls waiting on it."""
+
+    started: float  # monotonic
+    done: bool = False
+    items: list[dict] = field(default_factory=list)
+    error: KubeUnavailable | None = None
+
+
+class FreshReads:
+    """Pod reads that bypass the watch, for the drain calls it cannot answer: one read per
+    (namespace, token) at a time, shared by every call that arrived before it started (it
+    then shows the pod as it was when they arrived, or later), and at most
+    FRESH_READS_PER_SECOND after a burst of FRESH_READ_BURST overall. A read is kept for
+    ``keep_seconds`` (a call's longest wait) for calls still waiting to share it, then
+    forgotten: random tokens cannot grow it without bound."""
+
+    def __init__(self, kube: Kube, keep_seconds: float) -> None:
+        self.kube = kube
+        self.keep_seconds = keep_seconds
+        self._cond = threading.Condition()
+        # In the order they started: the oldest are forgotten first.
+        self._flights: OrderedDict[tuple[str, str], _Flight] = OrderedDict()
+        self._tokens = float(FRESH_READ_BURST)
+        self._refilled = time.monotonic()
+
+    def pods(self, namespace: str, token: str, arrived: float, deadline: float) -> list[dict]:
+        """The pods carrying ``token``, read after ``arrived`` (monotonic); KubeUnavailable
+        when the API did not answer, ReadsExhausted when no read could start by
+        ``deadline``."""
+        key = (namespace, token)
+        with self._cond:
+            while True:
+                flight = self._flights.get(key)
+                if flight is not None and flight.started >= arrived:
+                    mine = False  # it began after this call arrived: its answer will do
+                    break
+                if flight is not None and not flight.done:
+                    # It may predate the delete: wait for it to end, then read anew.
+                    left = deadline - time.monotonic()
+                    if not self._cond.wait_for(lambda f=flight: f.done, left):
+                        raise ReadsExhausted(f"no fresh read of drain token {token} in time")
+                    continue
+                if not self._take(deadline):
+                    raise ReadsExhausted(
+                        f"more than {FRESH_READS_PER_SECOND:g} fresh API reads a second "
+                        "asked for: cannot confirm this call"
+                    )
+                shared = self._flights.get(key)
+                if shared is not None and shared.started >= arrived:
+                    # Another call started one while this one waited for the bucket.
+                    self._tokens += 1
+                    continue
+                self._forget_old()
+                flight = self._flights[key] = _Flight(time.monotonic())
+                self._flights.move_to_end(key)
+                mine = True
+                break
+            if not mine:
+                self._cond.wait_for(lambda: flight.done)
+        if mine:
+            try:
+                selector = f"{names.DRAIN_TOKEN_LABEL}={token}"
+                flight.items, _ = self.kube.list_pods(selector, namespace)
+            except KubeUnavailable as err:
+                flight.error = err
+            finally:
+                with self._cond:
+                    flight.done = True
+                    self._cond.notify_all()
+        if flight.error is not None:
+            raise flight.error
+        return flight.items
+
+    def _forget_old(self) -> None:
+        """Drop the reads no call can still share. Lock held."""
+        too_old = time.monotonic() - self.keep_seconds
+        while self._flights:
+            key, flight = next(iter(self._flights.items()))
+            if not (flight.done and flight.started < too_old):
+                break
+            del self._flights[key]
+
+    def _take(self, deadline: float) -> bool:
+        """One read from the bucket, waiting for one up to ``deadline``. Lock held."""
+        while True:
+            now = time.monotonic()
+            self._tokens = min(
+                FRESH_READ_BURST, self._tokens + (now - self._refilled) * FRESH_READS_PER_SECOND
+            )
+            self._refilled = now
+            if self._tokens >= 1:
+                self._tokens -= 1
+                return True
+            wait = (1 - self._tokens) / FRESH_READS_PER_SECOND
+            if now + wait > deadline:
+                return False
+            self._cond.wait(wait)
 
 
 # --------------------------------------------------------------------------- the drainer
@@ -170,6 +294,7 @@ class Drainer:
         self._closed = False
         self.watcher = PodWatcher(kube, settings, self._pod_changed) if kube else None
         self.events = EventRecorder(kube, self.instance) if kube else None
+        self._fresh = FreshReads(kube, self.drain_settings.confirmSeconds) if kube else None
         self._keys = itertools.count(1)
         self._reading: dict[int, Waiter] = {}  # reads in flight, by waiter key
         self._outbox: list[list] = []  # commands for the reader, sent by the drain loop
@@ -278,17 +403,35 @@ class Drainer:
 
     def _terminating_pod(self, namespace: str, token: str) -> DrainPod | Answer:
         """The terminating pod with this token, or the answer saying why there is none.
-        kubelet calls 50-120 ms after the delete, possibly before the watch delivered the
-        deletionTimestamp: anything short of "terminating" is confirmed by a fresh read."""
-        confirm = self.drain_settings.confirmSeconds
-        pod = self.watcher.lookup(namespace, token, wait=confirm)
-        if pod and pod.terminating:
+
+        kubelet calls 50-120 ms after the delete. The pod watch (open and in sync) answers
+        almost every call: it has known the pod since its CREATE, and shows the
+        deletionTimestamp as soon as the apiserver sends it. A token it has not seen is no
+        pod the guard stamped: 404 without an API read. A known pod not (yet) terminating
+        waits up to drain.confirmSeconds for the watch to say so, and only then, or while
+        the watch is down, is a fresh API read made (shared and rate-limited:
+        FreshReads), so that drain calls cannot be made to hammer the apiserver."""
+        arrived = time.monotonic()
+        deadline = arrived + self.drain_settings.confirmSeconds
+        watcher = self.watcher
+        pod = watcher.lookup(namespace, token, wait=deadline - arrived)
+        if pod is None and watcher.in_sync:
+            wait = min(UNSEEN_TOKEN_WAIT_SECONDS, deadline - time.monotonic())
+            pod = watcher.wait_seen(namespace, token, wait=wait)
+            if pod is None and watcher.in_sync:
+                return Answer(
+                    NOT_FOUND,
+                    f"no pod in namespace {namespace} carries drain token {token} "
+                    "(the pod watch is in sync)",
+                )
+        if pod is not None and not pod.terminating and watcher.in_sync:
+            pod = watcher.wait_terminating(namespace, token, wait=deadline - time.monotonic())
+        if pod is not None and pod.terminating:
             return pod
-        selector = f"{names.DRAIN_TOKEN_LABEL}={token}"
         try:
-            items, _ = self.kube.list_pods(selector, namespace)
+            items = self._fresh.pods(namespace, token, arrived, deadline)
         except KubeUnavailable as err:
-            pod = self.watcher.wait_terminating(namespace, token, wait=confirm)
+            pod = watcher.wait_terminating(namespace, token, wait=deadline - time.monotonic())
             if pod:
                 return pod
             return Answer(

@@ -118,6 +118,10 @@ class PodWatcher:
         self._resource_version = ""
         self._attempted = False  # the first list finished, well or not
         self._connected = False  # a watch is open now
+        # The index is current: listed, and watched since (or about to be, from the list's
+        # resourceVersion). Only a broken watch or list clears it, not a watch the
+        # apiserver ended on time (the next one starts at once from where it ended).
+        self._synced = False
         self._stop = threading.Event()
         self._stream: PodWatch | None = None
         self._thread: threading.Thread | None = None
@@ -141,6 +145,13 @@ class PodWatcher:
         with self._cond:
             return self._connected
 
+    @property
+    def in_sync(self) -> bool:
+        """Whether the index shows every pod carrying a token as the API has it, but for
+        events on their way."""
+        with self._cond:
+            return self._synced
+
     def lookup(self, namespace: str, token: str, wait: float) -> DrainPod | None:
         """The pod with this token as the watch knows it; waits up to ``wait`` seconds for
         the first list when the watch is just starting."""
@@ -148,18 +159,28 @@ class PodWatcher:
             self._cond.wait_for(lambda: self._attempted or self._stop.is_set(), wait)
             return self._by_token.get((namespace, token))
 
+    def wait_seen(self, namespace: str, token: str, wait: float) -> DrainPod | None:
+        """The pod with this token once the watch knows it, waiting up to ``wait`` seconds
+        (its ADDED may still be on the way); None at once when the watch is not in sync."""
+        with self._cond:
+            if not self._synced:
+                return None
+            key = (namespace, token)
+            self._cond.wait_for(lambda: key in self._by_token or not self._synced, wait)
+            return self._by_token.get(key)
+
     def wait_terminating(self, namespace: str, token: str, wait: float) -> DrainPod | None:
         """The pod once the watch shows it terminating, waiting up to ``wait`` seconds; None
-        at once when no watch is open (nothing could arrive)."""
+        at once when the watch is not in sync (nothing could arrive)."""
 
         def seen() -> DrainPod | None:
             pod = self._by_token.get((namespace, token))
             return pod if pod and pod.terminating else None
 
         with self._cond:
-            if not self._connected:
+            if not self._synced:
                 return None
-            self._cond.wait_for(lambda: seen() or not self._connected, wait)
+            self._cond.wait_for(lambda: seen() or not self._synced, wait)
             return seen()
 
     # ---------------------------------------------------------------- thread
@@ -174,7 +195,9 @@ class PodWatcher:
                 self._watch()
             except WatchExpired:
                 self._resource_version = ""  # compacted: list again
+                self._out_of_sync()
             except KubeUnavailable as err:
+                self._out_of_sync()
                 if not self._stop.is_set():
                     log.warning("pod watch: %s", err)
             finally:
@@ -187,6 +210,11 @@ class PodWatcher:
             if failures:
                 self._stop.wait(_backoff(failures))
 
+    def _out_of_sync(self) -> None:
+        with self._cond:
+            self._synced = False
+            self._cond.notify_all()
+
     def _relist(self) -> None:
         items, version = self.kube.list_pods(names.DRAIN_TOKEN_LABEL)
         pods = [p for p in map(DrainPod.from_object, items) if p and self._watched(p)]
@@ -197,6 +225,7 @@ class PodWatcher:
             self._by_token = {(p.namespace, p.token): p for p in pods}
             self._resource_version = version
             self._attempted = True
+            self._synced = True
             self._cond.notify_all()
         # Pods deleted while the watch was down, then the current state of the rest.
         for pod in vanished:
@@ -213,6 +242,7 @@ class PodWatcher:
                 return
             self._stream = stream
             self._connected = True
+            self._synced = True
             self._cond.notify_all()
         for kind, obj in stream:
             version = (obj.get("metadata") or {}).get("resourceVersion")
