@@ -816,13 +816,25 @@ def test_drain_metrics_count_outcomes_and_drains_in_progress(cluster, calls):
 
 def test_only_pods_with_a_drain_token_are_drain_pods():
     pod = stunnerd_pod("p", NS, token="t", ip="10.0.0.5")
-    pod["metadata"] |= {"uid": "u1", "deletionTimestamp": "2026-11-24T14:00:05Z"}
+    pod["metadata"] |= {
+        "uid": "u1",
+        "deletionTimestamp": "2026-11-24T14:00:05Z",
+        "resourceVersion": "1234",
+        "annotations": {"controller.kubernetes.io/pod-deletion-cost": "3"},
+    }
     seen = DrainPod.from_object(pod)
     deleted = datetime.datetime(2026, 11, 24, 14, 0, 5, tzinfo=datetime.UTC).timestamp()
-    assert seen == DrainPod(NS, "p", "u1", "t", "10.0.0.5", deleted)
+    assert seen == DrainPod(NS, "p", "u1", "t", "10.0.0.5", deleted, True, "3", "1234")
     assert seen.terminating
     assert DrainPod.from_object(stunnerd_pod("p", NS, token=None)) is None
     assert DrainPod.from_object("not a pod") is None
+
+
+def test_the_watch_keeps_no_more_of_a_hostile_cost_annotation_than_an_int32_needs():
+    pod = stunnerd_pod("p", NS, token="t")
+    pod["metadata"]["annotations"] = {"controller.kubernetes.io/pod-deletion-cost": "9" * 100_000}
+    kept = DrainPod.from_object(pod).cost
+    assert kept == "9" * 12  # still not an int32, as the whole value is not
 
 
 @pytest.mark.parametrize(

@@ -47,9 +47,16 @@ def rfc3339(moment: float) -> str:
     return stamp.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+# The longest pod-deletion-cost value kept: an int32 is 11 characters at most ("-2147483648"),
+# so a longer value cut to this length still reads as invalid, and a hostile annotation
+# costs the watch no more than this per pod.
+COST_CHARS_KEPT = 12
+
+
 @dataclass(frozen=True, slots=True)
 class DrainPod:
-    """The few fields of a stunnerd Pod the drain needs (the watch keeps only these)."""
+    """The few fields of a stunnerd Pod the drain and the census need (the watch keeps
+    only these: a thousand pods are a thousand of these)."""
 
     namespace: str
     name: str
@@ -57,6 +64,9 @@ class DrainPod:
     token: str
     ip: str | None
     deletion: float | None  # deletionTimestamp, epoch seconds
+    running: bool = False  # status.phase Running: the census reads only these
+    cost: str | None = None  # controller.kubernetes.io/pod-deletion-cost as it is now
+    version: str = ""  # metadata.resourceVersion: a census write's precondition
 
     @classmethod
     def from_object(cls, obj: Any) -> DrainPod | None:
@@ -67,13 +77,18 @@ class DrainPod:
         token = (meta.get("labels") or {}).get(names.DRAIN_TOKEN_LABEL)
         if not (token and meta.get("name") and meta.get("namespace")):
             return None
+        status = obj.get("status") or {}
+        cost = (meta.get("annotations") or {}).get(names.POD_DELETION_COST_ANNOTATION)
         return cls(
             namespace=meta["namespace"],
             name=meta["name"],
             uid=meta.get("uid") or "",
             token=token,
-            ip=(obj.get("status") or {}).get("podIP") or None,
+            ip=status.get("podIP") or None,
             deletion=_timestamp(meta.get("deletionTimestamp")),
+            running=status.get("phase") == "Running",
+            cost=cost[:COST_CHARS_KEPT] if isinstance(cost, str) else None,
+            version=str(meta.get("resourceVersion") or ""),
         )
 
     @property
@@ -151,6 +166,15 @@ class PodWatcher:
         events on their way."""
         with self._cond:
             return self._synced
+
+    def pods(self) -> list[DrainPod]:
+        """Every pod the watch knows now (the census's round starts from this)."""
+        with self._cond:
+            return list(self._by_name.values())
+
+    def pod(self, namespace: str, name: str) -> DrainPod | None:
+        with self._cond:
+            return self._by_name.get((namespace, name))
 
     def lookup(self, namespace: str, token: str, wait: float) -> DrainPod | None:
         """The pod with this token as the watch knows it; waits up to ``wait`` seconds for
