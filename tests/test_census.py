@@ -5,17 +5,31 @@ addresses, short intervals so each case takes a second or two."""
 from __future__ import annotations
 
 import contextlib
+import random
+import re
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 
 import pytest
 
+from app import create_app
+from tests.fake_stunnerd import FakeStunnerdFleet, Target
 from tests.standin_apiserver import StandinAPIServer, stunnerd_pod
 from webhooks import names
 from webhooks.kube import Conflict, Kube, KubeUnavailable
+from webhooks.lifecycle.census import MAX_LEVEL, level, parse_cost, wanted_cost
 from webhooks.lifecycle.leader import LeaseElector
+from webhooks.service import Service
+from webhooks.settings import (
+    CensusSettings,
+    DrainSettings,
+    PolicyError,
+    Settings,
+    load_document,
+)
 
 NS = "media"
 COST = names.POD_DELETION_COST_ANNOTATION
@@ -269,3 +283,395 @@ def test_an_api_unreachable_at_start_only_delays_the_election(api, replicas):
 def test_leader_election_refuses_timings_that_could_let_two_lead():
     with pytest.raises(ValueError, match="leaseDurationSeconds > renewDeadlineSeconds"):
         LeaseElector(None, "guard", "census", "a", 10, 10, 2)
+
+
+# --------------------------------------------------------------------------- the cost
+
+
+@pytest.mark.parametrize(
+    ("allocations", "cost"),
+    [(0, 0), (1, 1), (2, 2), (3, 2), (4, 3), (7, 3), (8, 4), (15, 4), (16, 5), (1000, 10)],
+)
+def test_the_cost_orders_pods_by_allocations_in_powers_of_two(allocations, cost):
+    assert level(allocations) == cost
+
+
+def test_the_cost_of_absurd_counts_stays_a_small_int32():
+    assert level(2**40) == level(10**300) == MAX_LEVEL == 31
+
+
+@pytest.mark.parametrize(
+    ("written", "allocations", "wanted"),
+    [
+        pytest.param(None, 5, 3, id="nothing-valid-written"),
+        pytest.param(0, 1, 1, id="empty-to-busy-at-once"),
+        pytest.param(3, 0, 0, id="busy-to-empty-at-once"),
+        pytest.param(3, 3, 3, id="level-3-holds-at-3"),
+        pytest.param(3, 11, 3, id="level-3-holds-at-11"),
+        pytest.param(3, 12, 4, id="level-3-leaves-at-12"),
+        pytest.param(3, 2, 2, id="level-3-leaves-at-2"),
+        pytest.param(4, 6, 4, id="level-4-holds-at-6"),
+        pytest.param(4, 5, 3, id="level-4-leaves-at-5"),
+        pytest.param(1, 2, 1, id="level-1-holds-at-2"),
+        pytest.param(1, 3, 2, id="level-1-leaves-at-3"),
+        pytest.param(1000, 5, 3, id="not-a-census-value"),
+        pytest.param(-7, 5, 3, id="negative-not-a-census-value"),
+    ],
+)
+def test_a_written_level_holds_within_half_a_level_each_side(written, allocations, wanted):
+    assert wanted_cost(written, allocations) == wanted
+
+
+@pytest.mark.parametrize(
+    ("value", "cost"),
+    [(None, 0), ("0", 0), ("5", 5), ("-3", -3), ("007", None), ("+5", None), ("x", None)],
+)
+def test_the_cost_on_the_pod_is_read_as_the_replicaset_controller_reads_it(value, cost):
+    assert parse_cost(value) == cost
+
+
+@pytest.mark.parametrize(
+    ("census", "error"),
+    [
+        ({"mode": "loud"}, "census.mode: 'loud' is not one of enforce|warn|off"),
+        ({"intervalSeconds": 0}, "census.intervalSeconds: must be greater than 0"),
+        ({"writeBurst": 0}, "census.writeBurst: must be at least 1"),
+        ({"leaseName": "Census!"}, "census.leaseName: 'Census!' is not a DNS subdomain"),
+        ({"renewDeadlineSeconds": 20}, "two replicas could write at once"),
+        ({"minPatchSecond": 1}, "census.minPatchSecond: unknown key"),
+    ],
+)
+def test_census_settings_are_checked_when_the_policy_loads(census, error):
+    with pytest.raises(PolicyError, match=re.escape(error)):
+        load_document({"census": census})
+
+
+def test_the_census_is_off_unless_configured_and_the_document_sets_it():
+    assert Settings().census.mode == "off"
+    _, _, census = load_document({"census": {"mode": "warn", "intervalSeconds": 10}})
+    assert (census.mode, census.intervalSeconds, census.minPatchSeconds) == ("warn", 10.0, 60.0)
+
+
+# --------------------------------------------------------------------------- the census
+
+POLL = 0.5
+QUICK = CensusSettings(
+    mode="enforce",
+    intervalSeconds=0.2,
+    minPatchSeconds=0.3,
+    maxWritesPerSecond=100.0,
+    writeBurst=100,
+    leaseName="census",
+    leaseDurationSeconds=LEASE_SECONDS,
+    renewDeadlineSeconds=RENEW_SECONDS,
+    retryPeriodSeconds=RETRY_SECONDS,
+)
+
+
+class Fleet:
+    """The stand-in API with running stunnerd pods, each with a fake metrics endpoint, and
+    guard replicas (a Service each: drainer and census) aimed at both."""
+
+    def __init__(self, api: StandinAPIServer, fake: FakeStunnerdFleet) -> None:
+        self.api = api
+        self.fake = fake
+        self.port = _free_port("127.0.0.2")
+        self.targets: dict[str, Target] = {}
+        self.services: list[Service] = []
+        self._next_ip = 2
+
+    def pod(self, name: str, allocations: int = 0, cost: str | None = None) -> Target:
+        ip = f"127.0.{self._next_ip // 250}.{2 + self._next_ip % 250}"
+        self._next_ip += 1
+        target = self.fake.add(ip, self.port, allocations=allocations)
+        pod = stunnerd_pod(name, NS, token=f"tok-{name}", ip=ip)
+        if cost is not None:
+            pod["metadata"]["annotations"] = {COST: cost}
+        self.api.put(pod)
+        self.targets[name] = target
+        return target
+
+    def service(self, name: str = "guard-a", **census) -> Service:
+        settings = Settings(
+            drain=replace(
+                DrainSettings(),
+                metricsPort=self.port,
+                pollIntervalSeconds=POLL,
+                scrapeTimeoutSeconds=0.2,
+                confirmSeconds=0.5,
+                marginSeconds=1.0,
+            ),
+            census=replace(QUICK, **census),
+            namespace="guard",
+        )
+        service = Service(settings, Kube.for_host(self.api.url, timeout=1.0))
+        service.census.identity = name
+        if service.census.elector is not None:
+            service.census.elector.identity = name
+        self.services.append(service)
+        return service
+
+    def cost(self, name: str) -> str | None:
+        return (self.api.get("Pod", NS, name)["metadata"].get("annotations") or {}).get(COST)
+
+    def costs(self) -> dict[str, str | None]:
+        return {name: self.cost(name) for name in self.targets}
+
+    def patched(self, name: str) -> list[float]:
+        return [p["at"] for p in self.api.patches if p["name"] == name]
+
+
+def _free_port(ip: str) -> int:
+    with socket.socket() as s:
+        s.bind((ip, 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def fleet(api):
+    with FakeStunnerdFleet() as fake:
+        f = Fleet(api, fake)
+        yield f
+        for service in f.services:
+            service.close()
+
+
+def leader_ready(service: Service, api: StandinAPIServer) -> bool:
+    """Start the service's watch and election only (rounds are run by the test), and await
+    its leadership and a watch in sync."""
+    service.drainer.start()
+    service.census.elector.start()
+    return api.wait_until(
+        lambda: service.census.leading() and service.drainer.watcher.in_sync, timeout=5
+    )
+
+
+def value(registry, name: str, **labels) -> float:
+    return registry.get_sample_value(name, labels or None) or 0.0
+
+
+def test_costs_follow_counts_and_only_changes_are_written(fleet):
+    counts = {"empty": 0, "one": 1, "three": 3, "six": 6, "forty": 40}
+    for name, n in counts.items():
+        fleet.pod(name, allocations=n)
+    service = fleet.service()
+    assert leader_ready(service, fleet.api)
+    summary = service.census.run_round()
+    assert (summary["pods"], summary["read"], summary["written"]) == (5, 5, 4)
+    # An empty pod needs no write: absent is 0 to the ReplicaSet controller.
+    assert fleet.costs() == {"empty": None, "one": "1", "three": "2", "six": "3", "forty": "6"}
+    assert fleet.api.wait_until(lambda: service.drainer.watcher.pod(NS, "forty").cost == "6")
+    assert service.census.run_round()["written"] == 0  # nothing changed: nothing written
+    fleet.targets["forty"].allocations = 0
+    fleet.targets["empty"].allocations = 2
+    fleet.targets["six"].allocations = 20
+    time.sleep(QUICK.minPatchSeconds)
+    assert service.census.run_round()["written"] == 3
+    assert (fleet.cost("forty"), fleet.cost("empty"), fleet.cost("six")) == ("0", "2", "5")
+    # One event per pod per empty <-> non-empty crossing, not one per write.
+    assert fleet.api.wait_until(lambda: len(fleet.api.events) >= 6)
+    time.sleep(0.2)
+    reasons = {n: [e["reason"] for e in fleet.api.events_for(NS, n)] for n in counts}
+    assert reasons == {
+        "empty": ["DeletionCostInUse"],
+        "one": ["DeletionCostInUse"],
+        "three": ["DeletionCostInUse"],
+        "six": ["DeletionCostInUse"],
+        "forty": ["DeletionCostInUse", "DeletionCostEmpty"],
+    }
+    registry = service.metrics.registry
+    assert value(registry, "stunner_guard_census_writes_total", result="ok") == 7
+    assert value(registry, "stunner_guard_census_reads_total", result="ok") == 15
+    assert value(registry, "stunner_guard_census_leader") == 1
+    assert value(registry, "stunner_guard_census_pods") == 5
+
+
+def test_a_count_wandering_across_a_level_boundary_writes_nothing(fleet):
+    target = fleet.pod("wandering", allocations=6)  # level 3
+    service = fleet.service()
+    assert leader_ready(service, fleet.api)
+    service.census.run_round()
+    for n in (8, 5, 9, 4, 11, 3, 10):  # crosses 8 and 4 again and again
+        target.allocations = n
+        time.sleep(QUICK.minPatchSeconds)
+        service.census.run_round()
+    assert len(fleet.patched("wandering")) == 1 and fleet.cost("wandering") == "3"
+    target.allocations = 12  # out of the band: level 4
+    time.sleep(QUICK.minPatchSeconds)
+    service.census.run_round()
+    assert fleet.cost("wandering") == "4"
+
+
+@pytest.mark.parametrize("broken", ["refused", "garbage", "absent", "slow"])
+def test_a_pod_whose_allocations_cannot_be_read_keeps_its_annotation(fleet, broken):
+    target = fleet.pod("unreadable", allocations=0, cost="3")
+    fleet.pod("fine", allocations=1)
+    if broken == "refused":
+        fleet.fake.refuse(target)
+    else:
+        target.mode = broken
+    service = fleet.service()
+    assert leader_ready(service, fleet.api)
+    time.sleep(QUICK.minPatchSeconds)  # past the new leader's hold-off
+    summary = service.census.run_round()
+    assert (summary["read"], summary["readsFailed"]) == (1, 1)
+    assert fleet.patched("unreadable") == [] and fleet.cost("unreadable") == "3"
+    assert fleet.cost("fine") == "1"
+    [shown] = [p for p in service.census.snapshot()["pods"] if p["name"] == "unreadable"]
+    assert shown["allocations"] is None and shown["cost"] == "3" and shown["problem"]
+
+
+def test_terminating_pods_are_never_written(fleet):
+    fleet.pod("leaving", allocations=5)
+    fleet.pod("staying", allocations=5)
+    service = fleet.service()
+    assert leader_ready(service, fleet.api)
+    fleet.api.terminate(NS, "leaving")
+    assert fleet.api.wait_until(lambda: service.drainer.watcher.pod(NS, "leaving").terminating)
+    summary = service.census.run_round()
+    assert summary["pods"] == 1 and fleet.cost("staying") == "3"
+    assert fleet.patched("leaving") == []
+
+
+def test_a_pod_deleted_after_its_read_is_not_written_either(fleet):
+    """The watch has not shown the deletionTimestamp yet when the census writes: the patch
+    carries the resourceVersion it decided on, and the apiserver refuses it."""
+    fleet.pod("leaving", allocations=5)
+    service = fleet.service()
+    assert leader_ready(service, fleet.api)
+    fleet.api.hold_watch_events()
+    fleet.api.terminate(NS, "leaving")
+    summary = service.census.run_round()
+    assert summary["written"] == 0
+    assert fleet.cost("leaving") is None and fleet.api.patches == []
+    registry = service.metrics.registry
+    assert value(registry, "stunner_guard_census_writes_total", result="conflict") == 1
+    assert fleet.api.count("patch", f"/api/v1/namespaces/{NS}/pods/leaving") == 1
+
+
+def test_the_write_budget_holds_while_every_count_changes_every_interval(fleet):
+    rate, burst, pods = 10.0, 4, 30
+    targets = [fleet.pod(f"churn-{i:02d}", allocations=i % 3) for i in range(pods)]
+    service = fleet.service(maxWritesPerSecond=rate, writeBurst=burst, intervalSeconds=0.1)
+    rng = random.Random(7)
+    started = time.monotonic()
+    service.start()  # the census loop itself, as in production
+    while time.monotonic() - started < 3.0:
+        for target in targets:  # calls start and end: 0 <-> busy, and big jumps
+            target.allocations = rng.choice([0, 0, 1, 3, 9, 30, 100])
+        time.sleep(0.1)
+    service.census.stop()
+    at = sorted(p["at"] for p in fleet.api.patches)
+    assert len(at) > burst  # it did write, under churn
+    for i, first in enumerate(at):  # every window: at most burst + rate x its length
+        for j in range(i, len(at)):
+            assert j - i + 1 <= burst + rate * (at[j] - first) + 1e-9, (i, j)
+    for target_name in (f"churn-{i:02d}" for i in range(pods)):
+        times = fleet.patched(target_name)
+        assert all(b - a >= QUICK.minPatchSeconds for a, b in zip(times, times[1:], strict=False))
+    registry = service.metrics.registry
+    assert value(registry, "stunner_guard_census_writes_skipped_total", reason="budget") > 0
+
+
+def test_warn_mode_computes_and_shows_costs_but_writes_nothing(fleet):
+    fleet.pod("busy", allocations=9)
+    fleet.pod("idle", allocations=0, cost="4")
+    service = fleet.service(mode="warn")
+    assert service.census.elector is None  # no Lease: every replica may look
+    service.start()
+    assert fleet.api.wait_until(lambda: service.census.snapshot()["round"] is not None)
+    snapshot = service.census.snapshot()
+    assert snapshot["mode"] == "warn" and snapshot["leader"] is False
+    wanted = {p["name"]: (p["allocations"], p["cost"], p["wanted"]) for p in snapshot["pods"]}
+    assert wanted == {"busy": (9, None, 4), "idle": (0, "4", 0)}
+    assert fleet.api.patches == [] and fleet.api.events == []
+    assert fleet.api.count("patch") == 0 and fleet.api.get("Lease", "guard", "census") is None
+    registry = service.metrics.registry
+    assert value(registry, "stunner_guard_census_writes_skipped_total", reason="warn") >= 2
+    assert value(registry, "stunner_guard_census_pods_by_cost", cost="4") == 1
+    assert value(registry, "stunner_guard_census_pods_by_cost", cost="0") == 1
+
+
+def test_a_new_leader_takes_over_the_writes_when_the_leader_stops(fleet):
+    target = fleet.pod("p", allocations=1)
+    a, b = fleet.service("guard-a"), fleet.service("guard-b")
+    a.start()
+    assert fleet.api.wait_until(lambda: fleet.cost("p") == "1")
+    b.start()
+    time.sleep(3 * RETRY_SECONDS)
+    assert a.census.leading() and not b.census.leading()
+    assert b.census.snapshot()["pods"] == []  # a follower reads nothing
+    stopped = time.monotonic()
+    a.stop_census()  # SIGTERM: stop writing, release the Lease
+    a_writes = value(a.metrics.registry, "stunner_guard_census_writes_total", result="ok")
+    assert fleet.api.wait_until(b.census.leading, timeout=LEASE_SECONDS)
+    target.allocations = 0
+    b_writes = lambda: value(b.metrics.registry, "stunner_guard_census_writes_total", result="ok")  # noqa: E731
+    assert fleet.api.wait_until(lambda: fleet.cost("p") == "0" and b_writes() == 1, timeout=3)
+    assert value(a.metrics.registry, "stunner_guard_census_writes_total", result="ok") == a_writes
+    assert min(fleet.patched("p")[1:]) > stopped
+    assert fleet.api.get("Lease", "guard", "census")["spec"]["holderIdentity"] == "guard-b"
+
+
+def test_the_census_and_a_drain_never_read_one_pod_twice_in_a_poll_interval(fleet):
+    target = fleet.pod("p", allocations=2)
+    service = fleet.service()
+    assert leader_ready(service, fleet.api)
+    service.census.run_round()
+    fleet.api.terminate(NS, "p", grace_seconds=30)  # kubelet calls right after
+    assert fleet.api.wait_until(lambda: service.drainer.watcher.pod(NS, "p").terminating)
+    with ThreadPoolExecutor(1) as calls:
+        held = calls.submit(service.drainer.drain, NS, "tok-p")
+        assert target.wait_for_scrapes(3)
+        target.allocations = 0
+        assert held.result(timeout=5).outcome == "drained"
+    gaps = [b - a for a, b in zip(target.scrapes, target.scrapes[1:], strict=False)]
+    assert min(gaps) >= POLL * 0.9, gaps
+    assert target.connections == 1  # the drain went on on the census's connection
+
+
+def test_get_census_shows_every_pod_over_http(fleet):
+    fleet.pod("p", allocations=3)
+    settings = fleet.service().settings
+    fleet.services.pop().close()
+    app = create_app(settings, kube=Kube.for_host(fleet.api.url, timeout=1.0))
+    fleet.services.append(app.extensions["stunner_guard"])
+    app.extensions["stunner_guard"].start()  # what gunicorn's post_worker_init does
+    client = app.test_client()
+
+    def written() -> bool:
+        pods = client.get("/census").get_json()["pods"]
+        return bool(pods and pods[0]["lastWrite"])
+
+    assert fleet.api.wait_until(written, timeout=5)
+    answer = client.get("/census")
+    assert answer.status_code == 200
+    body = answer.get_json()
+    assert body["mode"] == "enforce" and body["leader"] is True
+    [pod] = body["pods"]
+    assert {k: pod[k] for k in ("namespace", "name", "allocations", "wanted")} == {
+        "namespace": NS,
+        "name": "p",
+        "allocations": 3,
+        "wanted": 2,
+    }
+    assert pod["lastRead"] and pod["lastWrite"] and fleet.cost("p") == "2"
+    assert b"stunner_guard_census_round_duration_seconds_count" in client.get("/metrics").data
+
+
+def test_without_a_cluster_or_with_the_census_off_nothing_runs(fleet):
+    off = fleet.service(mode="off")
+    off.start()
+    assert off.census.elector is None and off.census._thread is None
+    assert off.census.snapshot() == {
+        "mode": "off",
+        "identity": None,
+        "leader": False,
+        "holder": None,
+        "intervalSeconds": QUICK.intervalSeconds,
+        "round": None,
+        "pods": [],
+    }
+    alone = Service(Settings(census=QUICK), kube=None)
+    alone.start()
+    assert alone.census._thread is None and not alone.census.active

@@ -248,6 +248,24 @@ class FreshReads:
 # --------------------------------------------------------------------------- the drainer
 
 
+@dataclass(slots=True)
+class PodKey:
+    """The reader's key for one pod, and whether the reader has been sent it (and so may
+    keep a connection to the pod)."""
+
+    uid: str
+    key: int
+    sent: bool = False
+
+
+@dataclass(eq=False)
+class CensusReads:
+    """One census round's reads in flight: reader key -> pod, and the readings so far."""
+
+    pods: dict[int, tuple[str, str]] = field(default_factory=dict)
+    readings: dict[int, Reading] = field(default_factory=dict)
+
+
 @dataclass(eq=False)
 class Waiter:
     """The one shared wait for one terminating pod; every call for the pod joins it."""
@@ -257,11 +275,11 @@ class Waiter:
     started_at: float  # epoch seconds, for /drains
     deadline: float  # monotonic
     deadline_at: float  # epoch seconds
-    key: int = 0  # the reader process's name for this drain
+    key: int = 0  # the reader process's name for this pod (shared with the census)
     allocations: int | None = None
     failed_reads: int = 0
     reading_until: float | None = None  # monotonic; set while a read is in flight
-    asked: bool = False  # the reader has read (and may keep a connection to) this pod
+    asked: bool = False  # this drain has asked the reader for a read
     next_scrape: float = 0.0  # monotonic
     plan: int = 0  # the drain loop's schedule entry that is current for this waiter
     answer: Answer | None = None
@@ -296,7 +314,14 @@ class Drainer:
         self.events = EventRecorder(kube, self.instance) if kube else None
         self._fresh = FreshReads(kube, self.drain_settings.confirmSeconds) if kube else None
         self._keys = itertools.count(1)
-        self._reading: dict[int, Waiter] = {}  # reads in flight, by waiter key
+        # The reader's key for each pod it reads (drain and census alike), so that both
+        # share one kept-alive connection and one read in flight per pod.
+        self._pod_keys: dict[tuple[str, str], PodKey] = {}
+        self._reading: dict[int, Waiter] = {}  # drain reads in flight, by key
+        self._census_reading: dict[int, CensusReads] = {}  # census reads in flight, by key
+        # Each pod's last census read (monotonic end, reading): a drain that starts
+        # within a poll interval of it starts from it instead of reading the pod again.
+        self._census_read: dict[int, tuple[float, Reading]] = {}
         self._outbox: list[list] = []  # commands for the reader, sent by the drain loop
         # The drain loop's own: only its thread touches the selector and the reader.
         self._selector: selectors.BaseSelector | None = None
@@ -478,7 +503,7 @@ class Drainer:
             deadline_at = pod.deletion - d.marginSeconds
             waiter = Waiter(
                 pod=pod,
-                key=next(self._keys),
+                key=self._key_for(pod),
                 started=now,
                 started_at=wall,
                 deadline=now + (deadline_at - wall),
@@ -487,13 +512,85 @@ class Drainer:
             )
             self._waiters[pod.key] = waiter
             self.metrics.drains_in_progress.inc()
+            recent = self._census_read.get(waiter.key)
             if not pod.ip:
                 self._finish(waiter, UNOBSERVABLE, "the pod has no IP: allocations not observable")
             elif now >= waiter.deadline:
                 self._finish_at_deadline(waiter)
+            elif recent and recent[0] > now - d.pollIntervalSeconds and recent[1].allocations:
+                # The census read it within a poll interval: that read is this drain's
+                # first, and the next one waits its interval (one read per pod per
+                # interval, however the census and the drain meet).
+                ended, reading = recent
+                due = ended + d.pollIntervalSeconds
+                waiter.next_scrape = math.ceil(due / READ_SLOT_SECONDS) * READ_SLOT_SECONDS
+                self._take_reading(waiter, reading)
             else:
                 self._plan(waiter)
             return waiter
+
+    def _key_for(self, pod: DrainPod) -> int:
+        """The reader's key for this pod (a new one for a new pod of the same name, whose
+        predecessor's connection is forgotten). Lock held."""
+        entry = self._pod_keys.get(pod.key)
+        if entry is not None and entry.uid == pod.uid:
+            return entry.key
+        if entry is not None:
+            self._forget_key(pod.key)
+        entry = self._pod_keys[pod.key] = PodKey(pod.uid, next(self._keys))
+        return entry.key
+
+    def _forget_key(self, pod_key: tuple[str, str]) -> None:
+        """The reader closes the pod's connection. Lock held."""
+        entry = self._pod_keys.pop(pod_key, None)
+        if entry is None:
+            return
+        self._census_read.pop(entry.key, None)
+        if (batch := self._census_reading.pop(entry.key, None)) is not None:
+            batch.readings[entry.key] = Reading(problem="the pod left the census")
+            if len(batch.readings) == len(batch.pods):
+                self._lock.notify_all()
+        if entry.sent:
+            self._outbox.append([entry.key, None])
+            self._wake()
+
+    # ---------------------------------------------------------------- census reads
+
+    def read_for_census(
+        self, pods: list[DrainPod], timeout: float
+    ) -> dict[tuple[str, str], Reading]:
+        """One read of each pod's allocations, through the drain's reader process and its
+        kept connections, for the census (lifecycle/census.py); blocks up to ``timeout``.
+        A pod being drained is left out (it is terminating: the census skips it, and its
+        drain reads it once per poll interval already); a pod with no answer in time has
+        a failed Reading. Pods that were read before and are not in ``pods`` any more
+        (deleted, terminating) have their connections closed."""
+        batch = CensusReads()
+        wanted: set[tuple[str, str]] = set()
+        with self._lock:
+            if self._closed or not self._started:
+                return {}
+            for pod in pods:
+                if pod.key in self._waiters or not pod.ip:
+                    continue
+                wanted.add(pod.key)
+                key = self._key_for(pod)
+                batch.pods[key] = pod.key
+                self._census_reading[key] = batch  # a stuck earlier read is replaced
+                self._outbox.append([key, pod.ip])
+                self._pod_keys[pod.key].sent = True
+            for pod_key in list(self._pod_keys):
+                if pod_key not in wanted and pod_key not in self._waiters:
+                    self._forget_key(pod_key)
+            self._wake()
+        with self._lock:
+            self._lock.wait_for(lambda: len(batch.readings) == len(batch.pods), timeout)
+            for key in batch.pods:
+                if self._census_reading.get(key) is batch:
+                    del self._census_reading[key]
+            readings = dict(batch.readings)
+        missing = Reading(problem=f"the metrics reader did not answer within {timeout:g} s")
+        return {pod_key: readings.get(key, missing) for key, pod_key in batch.pods.items()}
 
     # ---------------------------------------------------------------- the drain loop
 
@@ -538,10 +635,13 @@ class Drainer:
                     self._reader_exited()
                     continue
                 with self._lock:
-                    for waiter_key, allocations, problem, fatal, ended in results:
-                        waiter = self._reading.pop(waiter_key, None)
+                    for key, allocations, problem, fatal, ended in results:
+                        reading = Reading(allocations, problem, fatal)
+                        waiter = self._reading.pop(key, None)
                         if waiter is not None:
-                            self._end_read(waiter, Reading(allocations, problem, fatal), ended)
+                            self._end_read(waiter, reading, ended)
+                        if (batch := self._census_reading.pop(key, None)) is not None:
+                            self._end_census_read(batch, key, reading, ended)
         if self._reader.running:
             selector.unregister(self._reader.process.stdout)
             self._reader.stop()
@@ -575,6 +675,9 @@ class Drainer:
             reading, self._reading = self._reading, {}
             for waiter in reading.values():
                 self._end_read(waiter, Reading(problem=problem))
+            census, self._census_reading = self._census_reading, {}
+            for key, batch in census.items():
+                self._end_census_read(batch, key, Reading(problem=problem), time.monotonic())
         self._wake()  # this loop pass's select() would sleep past their next reads
 
     def _step(self, waiter: Waiter, now: float) -> None:
@@ -594,8 +697,21 @@ class Drainer:
         waiter.reading_until = now + self.drain_settings.scrapeTimeoutSeconds + READER_SLACK_SECONDS
         waiter.asked = True
         self._reading[waiter.key] = waiter
-        self._outbox.append([waiter.key, waiter.pod.ip])
+        # A census read of the pod in flight answers this one too: one read, not two.
+        if waiter.key not in self._census_reading:
+            self._outbox.append([waiter.key, waiter.pod.ip])
+            if (entry := self._pod_keys.get(waiter.pod.key)) is not None:
+                entry.sent = True
         self._plan(waiter)
+
+    def _end_census_read(
+        self, batch: CensusReads, key: int, reading: Reading, ended: float | None
+    ) -> None:
+        """A census read is over. Lock held."""
+        self._census_read[key] = (ended or time.monotonic(), reading)
+        batch.readings[key] = reading
+        if len(batch.readings) == len(batch.pods):
+            self._lock.notify_all()
 
     def _end_read(self, waiter: Waiter, reading: Reading, ended: float | None = None) -> None:
         """A read is over (``ended``: when, by the reader's clock, if not now). Lock held."""
@@ -679,9 +795,9 @@ class Drainer:
             return
         self._reading.pop(waiter.key, None)
         waiter.reading_until = None
-        if waiter.asked:  # the reader closes the pod's connection
-            self._outbox.append([waiter.key, None])
-            self._wake()
+        entry = self._pod_keys.get(waiter.pod.key)
+        if entry is not None and entry.key == waiter.key:
+            self._forget_key(waiter.pod.key)  # the reader closes the pod's connection
         seconds = time.monotonic() - waiter.started
         waiter.answer = Answer(outcome, message, waiter.pod.ref, waiter.allocations, seconds)
         if self._waiters.get(waiter.pod.key) is waiter:

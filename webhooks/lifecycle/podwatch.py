@@ -167,6 +167,13 @@ class PodWatcher:
         with self._cond:
             return self._synced
 
+    def wait_in_sync(self, wait: float) -> bool:
+        """Whether the watch is in sync, waiting up to ``wait`` seconds for it."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._synced or self._stop.is_set(), wait) and (
+                self._synced
+            )
+
     def pods(self) -> list[DrainPod]:
         """Every pod the watch knows now (the census's round starts from this)."""
         with self._cond:
