@@ -1,4 +1,4 @@
-"""``python -m bench [admission|drain|drain-lookups|all]`` (default all): run the load
+"""``python -m bench [admission|drain|drain-lookups|census|all]`` (default all): run the load
 benchmarks."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         "which",
         nargs="?",
         default="all",
-        choices=["admission", "drain", "drain-lookups", "all"],
+        choices=["admission", "drain", "drain-lookups", "census", "all"],
     )
     args = parser.parse_args(argv)
     status = 0
@@ -46,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.which == "all":
                 print()
             status |= drain() or 0
+    if args.which in ("census", "all"):
+        from bench import census
+
+        if args.which == "all":
+            print()
+        status |= census.main() or 0
     return status
 
 
