@@ -27,7 +27,8 @@ knows but does not show terminating, once drain.confirmSeconds have passed and a
 API read agrees (Drainer._terminating_pod). Per process: one pod
 watch (label selector on the drain token label) instead of API calls per request, one
 waiter per pod however many duplicate calls arrive, at most one metrics read per pod per
-poll interval, and one drain loop thread that schedules every read. The reads themselves
+poll interval, and one drain loop thread that schedules every read, the census's too
+(``read_for_census``: one reader key and kept connection per pod for both). The reads themselves
 run in a child process (webhooks/lifecycle/scrape.py), off the GIL that admission needs; it passes
 zeros and failed reads on within 20 ms and other counts in batches of at most 64 within
 0.1 s. A thousand held drains cost a thousand idle request threads, a tenth of a core in
@@ -288,8 +289,9 @@ class Waiter:
 
 class Drainer:
     """Answers drain calls; owns the pod watch, the drain loop (one thread: every waiter's
-    schedule, and the metrics reader process it hands the reads to) and the event
-    recorder, all started on the first call (``create_app`` stays fast)."""
+    schedule, the census's reads, and the metrics reader process it hands the reads to)
+    and the event recorder, all started by ``start()`` (Service.start at worker start) or
+    else on the first call (``create_app`` stays fast)."""
 
     def __init__(
         self,
@@ -411,7 +413,7 @@ class Drainer:
             self._held -= 1
 
     def start(self) -> None:
-        """Start the pod watch and the drain loop (the first call does it)."""
+        """Start the pod watch and the drain loop (Service.start, else the first call)."""
         with self._lock:
             if self._started or self.kube is None:
                 return
