@@ -14,9 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import pytest
+import yaml
 
 from app import create_app
 from tests.fake_stunnerd import FakeStunnerdFleet, Target
+from tests.servers import gunicorn
 from tests.standin_apiserver import StandinAPIServer, stunnerd_pod
 from webhooks import names
 from webhooks.kube import Conflict, Kube, KubeUnavailable
@@ -675,3 +677,42 @@ def test_without_a_cluster_or_with_the_census_off_nothing_runs(fleet):
     alone = Service(Settings(census=QUICK), kube=None)
     alone.start()
     assert alone.census._thread is None and not alone.census.active
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.e2e
+def test_the_census_runs_from_worker_start_in_the_real_server(api, dev_certs, tmp_path):
+    """gunicorn with gunicorn.conf.py: post_worker_init starts the census; no drain call,
+    no request at all, is needed for the costs to be written."""
+    with FakeStunnerdFleet() as fake:
+        port = _free_port("127.0.2.1")
+        target = fake.add("127.0.2.1", port, allocations=5)
+        api.put(stunnerd_pod("p", NS, token="tok-p", ip="127.0.2.1"))
+        policy = tmp_path / "policy.yaml"
+        census = {
+            "mode": "enforce",
+            "intervalSeconds": 0.5,
+            "leaseName": "census",
+            "leaseDurationSeconds": LEASE_SECONDS,
+            "renewDeadlineSeconds": RENEW_SECONDS,
+            "retryPeriodSeconds": RETRY_SECONDS,
+        }
+        policy.write_text(yaml.safe_dump({"drain": {"metricsPort": port}, "census": census}))
+        env = {
+            "STUNNER_GUARD_POLICY_FILE": str(policy),
+            "STUNNER_GUARD_NAMESPACE": "guard",
+            "KUBECONFIG": str(api.write_kubeconfig(tmp_path / "kubeconfig")),
+        }
+        with gunicorn(dev_certs, env, home=tmp_path):
+            assert api.wait_until(
+                lambda: (
+                    (api.get("Pod", NS, "p")["metadata"].get("annotations") or {}).get(COST) == "3"
+                ),
+                timeout=10,
+            )
+            assert target.scrapes
+            # The holder: the pod name (the hostname in a pod) and a per-process suffix.
+            holder = api.get("Lease", "guard", "census")["spec"]["holderIdentity"]
+            assert holder.startswith(socket.gethostname() + "_")
