@@ -298,6 +298,7 @@ class Census:
             # A round on a pod index that is not in sync (just started, or the API down)
             # would read a partial fleet and write from stale resourceVersions.
             if not self.drainer.watcher.wait_in_sync(min(interval, 1.0)):
+                self._stop.wait(0.1)  # a stopped watch answers at once: no busy loop
                 continue
             if self.elector is None or self.elector.is_leader():
                 try:
