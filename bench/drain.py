@@ -14,20 +14,28 @@ from an asyncio client, and hey posting the captured Pod CREATE review to /mutat
 - release latency, from every pod's count going to 0 to its drain's answer (<= 1.5 s);
 - API requests during the drains by verb (reads must not grow with the drain count);
 - metrics reads per pod per poll interval (<= 1).
+
+Before that, drain lookups (``python -m bench drain-lookups`` alone): pod LISTs caused by
+500 random-token drain calls at 20 concurrent (<= 20), and calls made 50-120 ms after
+their pod's delete (kubelet's measured timing) still held and drained.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import http.client
 import json
 import multiprocessing
 import os
+import random
 import resource
 import ssl
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -47,6 +55,7 @@ from tests.fake_stunnerd import FakeStunnerdFleet
 from tests.standin_apiserver import StandinAPIServer, stunnerd_pod
 
 DRAINS = 1000
+DRAINED_OUTCOME = "drained"
 ALLOCATIONS = 3
 NAMESPACE = "media"
 GRACE_SECONDS = 600  # the deadline stays far away: every drain ends by its count reaching 0
@@ -362,6 +371,107 @@ def run() -> dict:
     }
 
 
+# --------------------------------------------------------------------------- lookups
+
+LOOKUP_CALLS = 500
+LOOKUP_CONCURRENCY = 20
+LOOKUP_PODS = 200  # stunnerd pods the watch knows (none carries a random token)
+RACE_PODS = 20  # deleted one by one, each called 50-120 ms after its delete (kubelet)
+LOOKUP_TARGET_LISTS = 20
+
+
+def _get(port: int, path: str, context: ssl.SSLContext) -> tuple[int, dict]:
+    """One kubelet-shaped preStop GET over TLS (no certificate checks, as kubelet)."""
+    conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=30, context=context)
+    try:
+        conn.request("GET", path, headers={"User-Agent": "kube-lifecycle/1.36", "Accept": "*/*"})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def lookups() -> dict:
+    """Drain lookups cannot be used to hammer the apiserver: pod LISTs caused by
+    LOOKUP_CALLS random-token calls at LOOKUP_CONCURRENCY, and the measured race (a call
+    50-120 ms after the delete) still answered by a held drain."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    pods_path = f"/api/v1/namespaces/{NAMESPACE}/pods"
+    with StandinAPIServer() as api, FakeStunnerdFleet() as fleet:
+        first = fleet.add(pod_ip(0), 0, allocations=0)
+        targets = [first] + [
+            fleet.add(pod_ip(i), first.port, allocations=0) for i in range(1, RACE_PODS)
+        ]
+        for i in range(LOOKUP_PODS):
+            ip = targets[i].ip if i < RACE_PODS else "127.0.0.1"
+            api.put(stunnerd_pod(f"udp-gateway-{i:04d}", NAMESPACE, token=f"t{i:04d}", ip=ip))
+        OUT.mkdir(parents=True, exist_ok=True)
+        policy = OUT / "lookup-policy.yaml"
+        policy.write_text(yaml.safe_dump({"drain": {"metricsPort": first.port}}))
+        env = {
+            "STUNNER_GUARD_POLICY_FILE": str(policy),
+            "KUBECONFIG": str(api.write_kubeconfig(OUT / "lookup-kubeconfig")),
+        }
+        with gunicorn("drain-lookups", env=env) as server:
+            # The watch starts with the first drain call (or at worker start).
+            _get(server.port, f"/drain/{NAMESPACE}/warm-up", context)
+            api.wait_until(lambda: api.open_watches >= 1, timeout=10)
+            tokens = [f"r{os.urandom(8).hex()}" for _ in range(LOOKUP_CALLS)]
+            lists_before = api.count("list", pods_path)
+            started = time.monotonic()
+            paths = [f"/drain/{NAMESPACE}/{token}" for token in tokens]
+            with ThreadPoolExecutor(LOOKUP_CONCURRENCY) as pool:
+                answers = list(pool.map(lambda path: _get(server.port, path, context), paths))
+            random_seconds = time.monotonic() - started
+            random_lists = api.count("list", pods_path) - lists_before
+            race_lists_before = api.count("list", pods_path)
+            race = []
+            with ThreadPoolExecutor(RACE_PODS) as pool:
+                for i in range(RACE_PODS):
+                    api.terminate(NAMESPACE, f"udp-gateway-{i:04d}", grace_seconds=60)
+                    time.sleep(random.uniform(0.05, 0.12))
+                    path = f"/drain/{NAMESPACE}/t{i:04d}"
+                    race.append(pool.submit(_get, server.port, path, context))
+                race_answers = [call.result() for call in race]
+            race_lists = api.count("list", pods_path) - race_lists_before
+    outcomes = collections.Counter(body["outcome"] for _, body in answers)
+    return {
+        "random_token_calls": LOOKUP_CALLS,
+        "concurrency": LOOKUP_CONCURRENCY,
+        "random_token_outcomes": dict(outcomes),
+        "random_token_seconds": random_seconds,
+        "random_token_pod_lists": random_lists,
+        "race_calls": RACE_PODS,
+        "race_outcomes": dict(collections.Counter(body["outcome"] for _, body in race_answers)),
+        "race_pod_lists": race_lists,
+    }
+
+
+def lookup_table(f: dict) -> str:
+    outcomes = ", ".join(f"{n} {o}" for o, n in sorted(f["random_token_outcomes"].items()))
+    race = ", ".join(f"{n} {o}" for o, n in sorted(f["race_outcomes"].items()))
+    rows = [
+        (
+            f"pod LISTs for {f['random_token_calls']} random-token calls at "
+            f"{f['concurrency']} concurrent",
+            f"{f['random_token_pod_lists']} ({outcomes}; {f['random_token_seconds']:.1f} s)",
+            f"<= {LOOKUP_TARGET_LISTS}",
+        ),
+        (
+            f"{f['race_calls']} calls 50-120 ms after their pod's delete",
+            f"{race}; {f['race_pod_lists']} pod LISTs",
+            f"all {DRAINED_OUTCOME}",
+        ),
+    ]
+    width = max(len(r[0]) for r in rows)
+    value_width = max(len(r[1]) for r in rows)
+    lines = [f"{'drain lookups':<{width}}  {'measured':<{value_width}}  target"]
+    lines += [f"{a:<{width}}  {b:<{value_width}}  {c}" for a, b, c in rows]
+    return "\n".join(lines)
+
+
 def table(f: dict) -> str:
     idle, loaded, api = f["admission_idle"], f["admission_loaded"], f["api_requests_first_round"]
     spread, burst = f["release_staggered"], f["release_at_once"]
@@ -423,7 +533,16 @@ def table(f: dict) -> str:
     return "\n".join(lines)
 
 
+def main_lookups() -> int:
+    figures = lookups()
+    print(lookup_table(figures))
+    print(f"figures: {write_json('drain-lookups', figures)}")
+    return 0
+
+
 def main() -> int:
+    main_lookups()
+    print()
     figures = run()
     print(table(figures))
     for window in figures["admission_idle"] + figures["admission_loaded"]:

@@ -9,9 +9,18 @@ is ever monkeypatched. It serves what stunner-guard uses:
     POST /api/v1/namespaces/{ns}/events    recorded in ``events``
     GET  /apis/apps/v1/namespaces/{ns}/deployments/{name}
     GET  /apis/stunner.l7mp.io/v1/dataplanes/{name}
+    PATCH /api/v1/namespaces/{ns}/pods/{name}     merge, strategic-merge (as merge: fine
+                                                   for metadata) or JSON patch
+    GET|PUT /apis/coordination.k8s.io/v1/namespaces/{ns}/leases/{name}
+    POST /apis/coordination.k8s.io/v1/namespaces/{ns}/leases
 
 (list/watch/get work for every kind below). A missing object is a proper 404 ``Status``;
 a watch from a compacted resourceVersion gets the apiserver's ERROR event with code 410.
+Writes answer as the apiserver does: 409 ``Conflict`` when a resourceVersion in the body
+is not the stored one, 409 ``AlreadyExists`` on a create, 422 ``Invalid`` for a
+pod-deletion-cost annotation that is not a 32-bit integer (kube-apiserver's
+ValidatePodSpecificAnnotations: no sign, no leading zero), 404 for a missing object, 415
+for a patch type it does not know.
 
 Use it as a context manager::
 
@@ -21,6 +30,7 @@ Use it as a context manager::
         kube = Kube.for_host(api.url)                                # or directly
         api.terminate("media", "udp-gateway-abc", grace_seconds=30)  # MODIFIED event
         api.drop_watches(); api.stop(); api.start()                  # failures
+        api.watch_status = 503; api.hold_watch_events()              # a watch down, lagging
         api.count("watch", "/api/v1/pods"); api.events_for("media", "udp-gateway-abc")
 """
 
@@ -43,6 +53,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+import jsonpatch
+import jsonpointer
 import yaml
 
 # kind -> (API prefix, plural, namespaced)
@@ -51,7 +63,11 @@ RESOURCES = {
     "Event": ("/api/v1", "events", True),
     "Deployment": ("/apis/apps/v1", "deployments", True),
     "Dataplane": ("/apis/stunner.l7mp.io/v1", "dataplanes", False),
+    "Lease": ("/apis/coordination.k8s.io/v1", "leases", True),
 }
+# The group.resource the apiserver names in write errors.
+_QUALIFIED = {"Pod": "pods", "Lease": "leases.coordination.k8s.io"}
+POD_DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 _BY_PLURAL = {(prefix, plural): kind for kind, (prefix, plural, _) in RESOURCES.items()}
 _PATH = re.compile(
     r"^(?P<prefix>/api/v1|/apis/[^/]+/[^/]+)"
@@ -125,6 +141,42 @@ def _status(code: int, reason: str, message: str) -> dict:
     }
 
 
+def deletion_cost_valid(value: str) -> bool:
+    """kube-apiserver's GetDeletionCostFromPodAnnotations: a first character that is "-",
+    or a digit with no leading zero, then Go's ParseInt(value, 10, 32)."""
+    if not _DELETION_COST.fullmatch(value):
+        return False
+    return -(2**31) <= int(value) < 2**31
+
+
+_DELETION_COST = re.compile(r"0|-[0-9]+|[1-9][0-9]*")
+
+
+def merge_patch(target, patch):
+    """RFC 7386 JSON merge patch: objects merge key by key, null deletes, anything else
+    replaces."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def _conflict(kind: str, name: str) -> dict:
+    body = _status(
+        409,
+        "Conflict",
+        f'Operation cannot be fulfilled on {_QUALIFIED.get(kind, kind)} "{name}": the object '
+        "has been modified; please apply your changes to the latest version and try again",
+    )
+    body["details"] = {"name": name, "kind": RESOURCES[kind][1]}
+    return body
+
+
 _REQUIREMENT = re.compile(r"^(?P<neg>!)?(?P<key>[^=!\s]+)\s*(?:(?P<op>==|=|!=)\s*(?P<value>\S*))?$")
 
 
@@ -162,8 +214,14 @@ class StandinAPIServer:
         self._open_watches = 0
         self._requests: Counter[tuple[str, str]] = Counter()
         self.events: list[dict] = []
+        # Every pod patch the server took: {"namespace", "name", "patch", "at" (monotonic)}.
+        self.patches: list[dict] = []
         # When set, event creation is answered with this HTTP status (e.g. 403: no RBAC).
         self.event_status: int | None = None
+        # When set, every watch request is answered with this HTTP status (e.g. 503, as an
+        # overloaded apiserver answers): lists and gets still work, no watch stays open.
+        self.watch_status: int | None = None
+        self._watch_events_held = False
         self._server: ThreadingHTTPServer | None = None
         self._connections: set[socket.socket] = set()
 
@@ -287,6 +345,13 @@ class StandinAPIServer:
             self._watch_generation += 1
             self._cond.notify_all()
 
+    def hold_watch_events(self, held: bool = True) -> None:
+        """While held, open watches stay open but deliver nothing (a watch lagging behind
+        the apiserver); released, they catch up in order."""
+        with self._cond:
+            self._watch_events_held = held
+            self._cond.notify_all()
+
     def compact(self) -> None:
         """Forget the change history: a watch from an older resourceVersion gets 410."""
         with self._cond:
@@ -388,6 +453,144 @@ class StandinAPIServer:
             self._cond.notify_all()
         return 201, event
 
+    # ------------------------------------------------------------ writes (handler side)
+
+    def _patch(self, kind: str, namespace: str, name: str, content_type: str, patch) -> tuple:
+        """PATCH (an UPDATE to admission and validation); (status, body)."""
+        if kind != "Pod":
+            return 405, _status(405, "MethodNotAllowed", f"PATCH {kind} not served")
+        with self._cond:
+            stored = self._objects.get((kind, namespace, name))
+            if stored is None:
+                return 404, _status(404, "NotFound", f'pods "{name}" not found')
+            try:
+                if content_type in (
+                    "application/merge-patch+json",
+                    "application/strategic-merge-patch+json",
+                ):
+                    if not isinstance(patch, dict):
+                        raise ValueError("a merge patch is a JSON object")
+                    updated = merge_patch(stored, patch)
+                elif content_type == "application/json-patch+json":
+                    updated = jsonpatch.apply_patch(stored, patch)
+                else:
+                    return 415, _status(
+                        415,
+                        "UnsupportedMediaType",
+                        "the body of the request was in an "
+                        "unknown format - accepted media types include: "
+                        "application/json-patch+json, application/merge-patch+json, "
+                        "application/apply-patch+yaml, application/strategic-merge-patch+json",
+                    )
+            except (
+                ValueError,
+                jsonpatch.JsonPatchException,
+                jsonpointer.JsonPointerException,
+            ) as err:
+                return 422, _status(422, "Invalid", f"the patch cannot be applied: {err}")
+            meta = updated.setdefault("metadata", {})
+            if meta.get("resourceVersion") != stored["metadata"]["resourceVersion"]:
+                return 409, _conflict(kind, name)
+            invalid = self._invalid_pod(updated, stored)
+            if invalid:
+                return 422, invalid
+            self._record("MODIFIED", (kind, namespace, name), updated)
+            self.patches.append(
+                {"namespace": namespace, "name": name, "patch": patch, "at": time.monotonic()}
+            )
+            return 200, copy.deepcopy(updated)
+
+    @staticmethod
+    def _invalid_pod(pod: dict, old: dict) -> dict | None:
+        """The apiserver's checks that a guard's pod patch could trip."""
+        meta, old_meta = pod["metadata"], old["metadata"]
+        for field in ("name", "namespace", "uid", "creationTimestamp", "deletionTimestamp"):
+            if meta.get(field) != old_meta.get(field):
+                return _status(422, "Invalid", f"metadata.{field}: field is immutable")
+        cost = (meta.get("annotations") or {}).get(POD_DELETION_COST)
+        old_cost = (old_meta.get("annotations") or {}).get(POD_DELETION_COST)
+        # An update is validated only if the stored value was valid (AllowInvalidPodDeletionCost).
+        if cost is not None and not deletion_cost_valid(cost):
+            if old_cost is None or deletion_cost_valid(old_cost):
+                where = f"metadata.annotations[{POD_DELETION_COST}]"
+                why = f'Invalid value: "{cost}": must be a 32bit integer'
+                body = _status(422, "Invalid", f'Pod "{meta["name"]}" is invalid: {where}: {why}')
+                body["details"] = {
+                    "name": meta["name"],
+                    "kind": "Pod",
+                    "causes": [{"reason": "FieldValueInvalid", "message": why, "field": where}],
+                }
+                return body
+        return None
+
+    def _create(self, kind: str, namespace: str, obj) -> tuple:
+        """POST of a Lease; (status, body)."""
+        if kind != "Lease":
+            return 405, _status(405, "MethodNotAllowed", f"POST {kind} not served")
+        if not isinstance(obj, dict) or not (obj.get("metadata") or {}).get("name"):
+            return 422, _status(422, "Invalid", "metadata.name: Required value")
+        if invalid := _invalid_lease(obj):
+            return 422, invalid
+        obj = copy.deepcopy(obj)
+        meta = obj["metadata"]
+        meta["namespace"] = namespace
+        meta.pop("resourceVersion", None)
+        key = (kind, namespace, meta["name"])
+        with self._cond:
+            if key in self._objects:
+                body = _status(
+                    409, "AlreadyExists", f'{_QUALIFIED[kind]} "{meta["name"]}" already exists'
+                )
+                body["details"] = {"name": meta["name"], "kind": RESOURCES[kind][1]}
+                return 409, body
+            meta["uid"] = str(uuid.uuid4())
+            meta["creationTimestamp"] = rfc3339(time.time())
+            self._record("ADDED", key, obj)
+            return 201, copy.deepcopy(obj)
+
+    def _replace(self, kind: str, namespace: str, name: str, obj) -> tuple:
+        """PUT of a Lease: optimistic concurrency on metadata.resourceVersion when given
+        (leases allow unconditional updates); (status, body)."""
+        if kind != "Lease":
+            return 405, _status(405, "MethodNotAllowed", f"PUT {kind} not served")
+        if not isinstance(obj, dict) or (obj.get("metadata") or {}).get("name") != name:
+            return 400, _status(400, "BadRequest", "the name of the object does not match")
+        if invalid := _invalid_lease(obj):
+            return 422, invalid
+        obj = copy.deepcopy(obj)
+        key = (kind, namespace, name)
+        with self._cond:
+            stored = self._objects.get(key)
+            if stored is None:
+                return 404, _status(404, "NotFound", f'{_QUALIFIED[kind]} "{name}" not found')
+            version = obj["metadata"].get("resourceVersion")
+            if version and version != stored["metadata"]["resourceVersion"]:
+                return 409, _conflict(kind, name)
+            for field in ("uid", "creationTimestamp"):
+                obj["metadata"][field] = stored["metadata"][field]
+            obj["metadata"]["namespace"] = namespace
+            self._record("MODIFIED", key, obj)
+            return 200, copy.deepcopy(obj)
+
+
+_MICRO_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}(Z|[+-]\d{2}:\d{2})$")
+
+
+def _invalid_lease(lease: dict) -> dict | None:
+    """coordination/v1 LeaseSpec as the apiserver decodes and validates it."""
+    spec = lease.get("spec") or {}
+    duration = spec.get("leaseDurationSeconds")
+    if duration is not None and (not isinstance(duration, int) or duration <= 0):
+        return _status(422, "Invalid", "spec.leaseDurationSeconds: must be greater than 0")
+    for field in ("acquireTime", "renewTime"):
+        value = spec.get(field)
+        if value is not None and not (isinstance(value, str) and _MICRO_TIME.match(value)):
+            return _status(422, "Invalid", f"spec.{field}: not a MicroTime: {value!r}")
+    holder = spec.get("holderIdentity")
+    if holder is not None and not isinstance(holder, str):
+        return _status(422, "Invalid", "spec.holderIdentity: must be a string")
+    return None
+
 
 def _matches(obj: dict, namespace: str | None, selector) -> bool:
     meta = obj.get("metadata", {})
@@ -473,27 +676,61 @@ class _Handler(BaseHTTPRequestHandler):
             return send_json(self, 400, _status(400, "BadRequest", str(err)))
         if not watching:
             return send_json(self, 200, standin._list(kind, m["namespace"], selector))
+        if standin.watch_status is not None:
+            code = standin.watch_status
+            return send_json(self, code, _status(code, "ServiceUnavailable", "watch refused"))
         return self._watch(kind, m["namespace"], selector, query)
+
+    def _body(self):
+        """The request's JSON body; None (after answering 400) when it is not JSON."""
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        try:
+            return json.loads(raw)
+        except ValueError:
+            send_json(self, 400, _status(400, "BadRequest", "body is not JSON"))
+            return None
 
     def do_POST(self) -> None:
         standin = self.server.standin
         path, _, m, kind = self._route()
         standin._count("create", path)
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length)
-        if kind != "Event" or m["name"] or not m["namespace"]:
+        body = self._body()
+        if body is None:
+            return None
+        if not kind or m["name"] or not m["namespace"]:
             return send_json(self, 405, _status(405, "MethodNotAllowed", f"cannot POST {path}"))
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            return send_json(self, 400, _status(400, "BadRequest", "body is not JSON"))
-        send_json(self, *standin._create_event(m["namespace"], body))
+        if kind == "Event":
+            return send_json(self, *standin._create_event(m["namespace"], body))
+        send_json(self, *standin._create(kind, m["namespace"], body))
+
+    def do_PUT(self) -> None:
+        standin = self.server.standin
+        path, _, m, kind = self._route()
+        standin._count("update", path)
+        body = self._body()
+        if body is None:
+            return None
+        if not kind or not m["name"] or not m["namespace"]:
+            return send_json(self, 405, _status(405, "MethodNotAllowed", f"cannot PUT {path}"))
+        send_json(self, *standin._replace(kind, m["namespace"], m["name"], body))
+
+    def do_PATCH(self) -> None:
+        standin = self.server.standin
+        path, _, m, kind = self._route()
+        standin._count("patch", path)
+        body = self._body()
+        if body is None:
+            return None
+        if not kind or not m["name"] or not m["namespace"]:
+            return send_json(self, 405, _status(405, "MethodNotAllowed", f"cannot PATCH {path}"))
+        content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip()
+        send_json(self, *standin._patch(kind, m["namespace"], m["name"], content_type, body))
 
     def _refuse(self) -> None:
         self.server.standin._count(self.command.lower(), self._route()[0])
         send_json(self, 405, _status(405, "MethodNotAllowed", f"{self.command} not served"))
 
-    do_PUT = do_PATCH = do_DELETE = _refuse
+    do_DELETE = _refuse
 
     # ---------------------------------------------------------------- watch
 
@@ -542,7 +779,7 @@ class _Handler(BaseHTTPRequestHandler):
                 with standin._cond:
                     while True:
                         start = bisect.bisect_right(standin._history_rvs, cursor)
-                        pending = standin._history[start:]
+                        pending = [] if standin._watch_events_held else standin._history[start:]
                         dropped = generation != standin._watch_generation
                         remaining = deadline - time.monotonic()
                         if pending or dropped or remaining <= 0:

@@ -46,12 +46,19 @@ from cryptography.hazmat.primitives import serialization
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.standin_apiserver import send_json
+from tests.standin_apiserver import merge_patch, send_json
 from webhooks import certs
 from webhooks.admission import dispatch, stunnerd
 from webhooks.service import Service
 from webhooks.serving import HARD_STOP_MARGIN_SECONDS
-from webhooks.settings import DrainSettings, Policy, from_env, load_policy_document
+from webhooks.settings import (
+    CensusSettings,
+    DrainSettings,
+    Policy,
+    from_env,
+    load_document,
+    load_policy_document,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 CHART = REPO / "charts" / "stunner-guard"
@@ -110,6 +117,8 @@ MODES: dict[str, dict] = {
         "shutdown": {"endpointDelaySeconds": 5},
         "policy": {"rules": {"gracePeriod": {"max": 5400}}},
     },
+    "census-warn": {"census": {"mode": "warn"}},
+    "census-off": {"census": {"mode": "off"}},
     "hard-anti-affinity-3-replicas": {
         "replicaCount": 3,
         "podAntiAffinity": "hard",
@@ -149,6 +158,7 @@ MODES: dict[str, dict] = {
         },
         "grafanaDashboard": {"enabled": True, "labels": {"grafana_dashboard": "stunner"}},
         "tls": {"certManager": {"enabled": True}},
+        "census": {"leaseName": "turn-census", "intervalSeconds": 15, "writeBurst": 5},
     },
 }
 
@@ -476,6 +486,11 @@ def test_default_install_renders_exactly_these_objects():
             ("Service", RELEASE),
             ("ServiceAccount", RELEASE),
             ("ValidatingWebhookConfiguration", RELEASE),
+            # census.mode enforce: the Lease's RBAC and the policy that limits pod patches.
+            ("Role", f"{RELEASE}-census"),
+            ("RoleBinding", f"{RELEASE}-census"),
+            ("ValidatingAdmissionPolicy", f"{RELEASE}-census"),
+            ("ValidatingAdmissionPolicyBinding", f"{RELEASE}-census"),
         ]
     )
 
@@ -851,10 +866,14 @@ class _StandInAPIServer(BaseHTTPRequestHandler):
         "rbac.authorization.k8s.io/v1": [
             ("clusterroles", "ClusterRole", False),
             ("clusterrolebindings", "ClusterRoleBinding", False),
+            ("roles", "Role", True),
+            ("rolebindings", "RoleBinding", True),
         ],
         "admissionregistration.k8s.io/v1": [
             ("mutatingwebhookconfigurations", "MutatingWebhookConfiguration", False),
             ("validatingwebhookconfigurations", "ValidatingWebhookConfiguration", False),
+            ("validatingadmissionpolicies", "ValidatingAdmissionPolicy", False),
+            ("validatingadmissionpolicybindings", "ValidatingAdmissionPolicyBinding", False),
         ],
     }
 
@@ -1027,18 +1046,44 @@ EXPECTED_RBAC = {
     ("apps", "deployments", ("get",)),
     ("stunner.l7mp.io", "dataplanes", ("get",)),
 }
+# census.mode enforce adds these; warn and off nothing (warn writes nothing).
+CENSUS_RBAC = {("", "pods", ("patch",))}
+
+
+def _granted(role: dict, *, names: bool = False) -> set[tuple]:
+    granted = set()
+    for rule in role["rules"]:
+        allowed = {"apiGroups", "resources", "verbs"} | ({"resourceNames"} if names else set())
+        assert set(rule) <= allowed, rule  # no URLs; names only where asked
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                row = (group, resource, tuple(sorted(rule["verbs"])))
+                granted.add(
+                    row + (tuple(rule["resourceNames"]),) if "resourceNames" in rule else row
+                )
+    return granted
 
 
 def test_rbac_is_exactly_what_the_guard_calls(mode, chart):
+    enforce = mode_values(mode)["census"]["mode"] == "enforce"
     role = chart.one("ClusterRole")
-    granted = set()
-    for rule in role["rules"]:
-        assert set(rule) == {"apiGroups", "resources", "verbs"}, rule  # no names, no URLs
-        for group in rule["apiGroups"]:
-            for resource in rule["resources"]:
-                granted.add((group, resource, tuple(sorted(rule["verbs"]))))
-    assert granted == EXPECTED_RBAC
-    assert chart.all("Role") == [] and chart.all("RoleBinding") == []
+    assert _granted(role) == EXPECTED_RBAC | (CENSUS_RBAC if enforce else set())
+    if enforce:
+        lease = yaml.safe_load(_policy_document(chart))["census"]["leaseName"]
+        [census_role] = chart.all("Role")
+        assert census_role["metadata"]["namespace"] == NAMESPACE  # its own namespace only
+        assert _granted(census_role, names=True) == {
+            ("coordination.k8s.io", "leases", ("get", "update"), (lease,)),
+            ("coordination.k8s.io", "leases", ("create",)),
+        }
+        [census_binding] = chart.all("RoleBinding")
+        assert census_binding["roleRef"]["name"] == census_role["metadata"]["name"]
+        assert census_binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": fullname(chart), "namespace": NAMESPACE}
+        ]
+    else:
+        assert chart.all("Role") == [] and chart.all("RoleBinding") == []
+        assert chart.all("ValidatingAdmissionPolicy") == []
     binding = chart.one("ClusterRoleBinding")
     account = chart.one("ServiceAccount")["metadata"]
     assert binding["roleRef"] == {
@@ -1337,8 +1382,21 @@ def _policy_document(rendered: Rendered) -> str:
 
 def test_default_policy_configmap_loads_as_the_guards_built_in_policy():
     document = yaml.safe_load(_policy_document(_render_mode("defaults")))
-    assert set(document) == {"rules", "drain"}
+    assert set(document) == {"rules", "drain", "census"}
     assert load_policy_document(document) == (Policy(), DrainSettings())
+    # The census: the built-in defaults, but on (the chart grants what it needs) and with
+    # the Lease named after the release.
+    census = CensusSettings(mode="enforce", leaseName=f"{RELEASE}-census")
+    assert load_document(document) == (Policy(), DrainSettings(), census)
+
+
+def test_census_values_reach_the_guard():
+    document = yaml.safe_load(_policy_document(_render_mode("everything-set")))
+    _, _, census = load_document(document)
+    assert (census.leaseName, census.intervalSeconds, census.writeBurst) == ("turn-census", 15, 5)
+    for mode in ("warn", "off"):
+        document = yaml.safe_load(_policy_document(_render_mode(f"census-{mode}")))
+        assert load_document(document)[2].mode == mode
 
 
 def test_changed_policy_values_reach_the_guard():
@@ -1388,6 +1446,19 @@ def test_policy_values_mirror_the_code_keys_and_defaults():
         assert set(rule_schema["properties"]) == _field_names(type(getattr(defaults, rule)))
         assert rule_schema["properties"]["mode"]["enum"] == ["enforce", "warn", "off"]
     assert set(props["drain"]["properties"]) == _field_names(DrainSettings)
+    census = values_yaml()["census"]
+    assert set(census) == _field_names(CensusSettings)
+    assert set(schema()["properties"]["census"]["properties"]) == _field_names(CensusSettings)
+    assert schema()["properties"]["census"]["properties"]["mode"]["enum"] == [
+        "enforce",
+        "warn",
+        "off",
+    ]
+    # The same defaults, but two: the chart turns the census on (with the RBAC and the
+    # policy it needs), and names the Lease after the release.
+    assert census | {"mode": "off", "leaseName": "stunner-guard-census"} == dataclasses.asdict(
+        CensusSettings()
+    )
 
 
 def test_a_policy_change_rolls_the_guard_pods_and_nothing_else_does():
@@ -1668,6 +1739,14 @@ BAD_VALUES = {
         {"grafanaDashboard": {"namespace": "Monitoring"}},
         "at '/grafanaDashboard/namespace'",
     ),
+    "unknown census key": (
+        {"census": {"interval": 10}},
+        "at '/census': additional properties 'interval' not allowed",
+    ),
+    "bad census mode": (
+        {"census": {"mode": "dry-run"}},
+        "at '/census/mode': value must be one of 'enforce', 'warn', 'off'",
+    ),
     "pdb blocks drains": (
         {"podDisruptionBudget": {"minAvailable": 2}},
         "podDisruptionBudget.minAvailable (2) must be below replicaCount (2)",
@@ -1790,3 +1869,207 @@ def test_the_build_context_leaves_out_keys_tests_and_the_venv():
     assert patterns[0] == "*"
     allowed = {p[1:] for p in patterns if p.startswith("!")}
     assert allowed == {"pyproject.toml", "app.py", "gunicorn.conf.py", "webhooks/"}
+
+
+# --------------------------------------------------------------------------- census policy
+
+
+def _admission_policy(rendered: Rendered) -> dict:
+    return rendered.one("ValidatingAdmissionPolicy")
+
+
+def _vap_verdict(policy: dict, request: dict, obj: dict, old: dict) -> list[str]:
+    """What the apiserver's ValidatingAdmissionPolicy plugin does with one request, with a
+    real CEL evaluator: [] when it does not apply or allows, else the failed messages.
+    matchConstraints first, then matchConditions, then the variables (each once, as the
+    apiserver's lazy evaluation does), then every validation."""
+    spec = policy["spec"]
+    resource = request["resource"]["resource"]
+    sub = request.get("subResource", "")
+    target = f"{resource}/{sub}" if sub else resource
+    rules = spec["matchConstraints"]["resourceRules"]
+    if not any(
+        request["operation"] in r["operations"]
+        and (target in r["resources"] or (sub and f"{resource}/*" in r["resources"]))
+        for r in rules
+    ):
+        return []
+    context = {"request": request, "object": obj, "oldObject": old}
+    if not all(cel.evaluate(c["expression"], context) for c in spec.get("matchConditions", [])):
+        return []
+    context["variables"] = {
+        v["name"]: cel.evaluate(v["expression"], context) for v in spec.get("variables", [])
+    }
+    return [v["message"] for v in spec["validations"] if not cel.evaluate(v["expression"], context)]
+
+
+GUARD_USER = f"system:serviceaccount:{NAMESPACE}:{RELEASE}"
+
+
+def _running_pod() -> dict:
+    """The real stunnerd pod from the validating review, as it runs: a name, a token
+    label, an owner, a status."""
+    pod = copy.deepcopy(
+        _review_object("010-validate-Pod-v1-CREATE-media-udp-gateway-8547c954bb-7gk8k.json")
+    )
+    meta = pod["metadata"]
+    meta["labels"]["stunner-guard.l7mp.io/drain-token"] = "t0k3n"
+    meta["annotations"] = {"stunner-guard.l7mp.io/changes": "[]"}
+    meta.setdefault(
+        "ownerReferences",
+        [
+            {
+                "apiVersion": "apps/v1",
+                "kind": "ReplicaSet",
+                "name": "udp-gateway-8547c954bb",
+                "uid": "6d6f6e6b-6579-4000-8000-000000000001",
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ],
+    )
+    meta |= {"resourceVersion": "1000", "uid": "6d6f6e6b-6579-4000-8000-000000000002"}
+    pod["status"] = {"phase": "Running", "podIP": "10.244.1.7", "qosClass": "Burstable"}
+    return pod
+
+
+def _update(change, user: str = GUARD_USER, sub: str = "") -> tuple[dict, dict, dict]:
+    old = _running_pod()
+    new = copy.deepcopy(old)
+    change(new)
+    # What the apiserver itself changes on every update, before validating admission.
+    new["metadata"]["resourceVersion"] = "1001"
+    new["metadata"]["managedFields"] = [{"manager": "stunner-guard", "operation": "Update"}]
+    request = {
+        "operation": "UPDATE",
+        "resource": {"group": "", "version": "v1", "resource": "pods"},
+        "subResource": sub,
+        "userInfo": {"username": user, "groups": ["system:serviceaccounts"]},
+    }
+    return request, new, old
+
+
+def _set(path: str, value):
+    def change(pod: dict) -> None:
+        *parents, last = path.split(".")
+        node = pod
+        for key in parents:
+            node = node.setdefault(key, {})
+        if value is None:
+            node.pop(last, None)
+        else:
+            node[last] = value
+
+    return change
+
+
+def _annotate(key: str, value):
+    def change(pod: dict) -> None:
+        annotations = pod["metadata"].setdefault("annotations", {})
+        if value is None:
+            annotations.pop(key, None)
+        else:
+            annotations[key] = value
+
+    return change
+
+
+def _the_guards_patch(pod: dict) -> None:
+    """The merge patch webhooks.kube.Kube.patch_pod_annotation sends, applied as the
+    apiserver applies it."""
+    patch = {"metadata": {"resourceVersion": "1000", "annotations": {COST_KEY: "3"}}}
+    pod.clear()
+    pod.update(merge_patch(_running_pod(), patch))
+
+
+COST_KEY = "controller.kubernetes.io/pod-deletion-cost"
+ALLOWED_UPDATES = {
+    "the guard's own merge patch": _the_guards_patch,
+    "cost added": _annotate(COST_KEY, "0"),
+    "cost changed": lambda pod: (_annotate(COST_KEY, "2")(pod), _annotate(COST_KEY, "5")(pod)),
+    "nothing changed": lambda pod: None,
+}
+REFUSED_UPDATES = {
+    "a label changed": (
+        lambda pod: pod["metadata"]["labels"].update({"app": "not-stunner"}),
+        "labels",
+    ),
+    "the drain token removed": (
+        lambda pod: pod["metadata"]["labels"].pop("stunner-guard.l7mp.io/drain-token"),
+        "labels",
+    ),
+    "a container image changed": (
+        lambda pod: pod["spec"]["containers"][0].update({"image": "evil/stunnerd:1"}),
+        "spec",
+    ),
+    "another annotation added": (_annotate("example.com/owned", "yes"), "annotation"),
+    "another annotation changed": (_annotate("stunner-guard.l7mp.io/changes", "[1]"), "annotation"),
+    "another annotation removed": (_annotate("stunner-guard.l7mp.io/changes", None), "annotation"),
+    "every annotation replaced by the cost": (
+        _set("metadata.annotations", {COST_KEY: "1"}),
+        "annotation",
+    ),
+    "a finalizer added": (_set("metadata.finalizers", ["example.com/hold"]), "finalizers"),
+    "the owner removed (orphaned from its ReplicaSet)": (
+        _set("metadata.ownerReferences", None),
+        "ownerReferences",
+    ),
+    "an active deadline set (kills the pod)": (
+        _set("spec.activeDeadlineSeconds", 1),
+        "spec",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ALLOWED_UPDATES))
+def test_the_census_policy_lets_the_guard_change_the_pod_deletion_cost(case):
+    policy = _admission_policy(_render_mode("defaults"))
+    assert _vap_verdict(policy, *_update(ALLOWED_UPDATES[case])) == []
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED_UPDATES))
+def test_the_census_policy_refuses_the_guard_any_other_change_to_a_pod(case):
+    change, names_ = REFUSED_UPDATES[case]
+    policy = _admission_policy(_render_mode("defaults"))
+    refused = _vap_verdict(policy, *_update(change))
+    assert len(refused) == 1 and names_ in refused[0], refused
+    # Anyone else (here: the ReplicaSet controller) is not this policy's business.
+    other = "system:serviceaccount:kube-system:replicaset-controller"
+    assert _vap_verdict(policy, *_update(change, user=other)) == []
+
+
+@pytest.mark.parametrize(
+    ("sub", "change"),
+    [
+        ("status", _set("status.phase", "Failed")),
+        ("ephemeralcontainers", _set("spec.ephemeralContainers", [{"name": "x", "image": "sh"}])),
+        ("resize", lambda pod: pod["spec"]["containers"][0]["resources"].update({"limits": {}})),
+    ],
+)
+def test_the_census_policy_refuses_the_guard_pod_subresource_updates_too(sub, change):
+    policy = _admission_policy(_render_mode("defaults"))
+    assert _vap_verdict(policy, *_update(change, sub=sub)), sub
+    # ... which RBAC does not grant it in the first place.
+    assert all(
+        "/" not in r
+        for rule in _render_mode("defaults").one("ClusterRole")["rules"]
+        for r in rule["resources"]
+    )
+
+
+def test_the_census_policy_names_the_guards_own_service_account(mode, chart):
+    if mode_values(mode)["census"]["mode"] != "enforce":
+        assert chart.all("ValidatingAdmissionPolicy") == []
+        assert chart.all("ValidatingAdmissionPolicyBinding") == []
+        return
+    policy = _admission_policy(chart)
+    [condition] = policy["spec"]["matchConditions"]
+    account = chart.one("ServiceAccount")["metadata"]["name"]
+    user = f"system:serviceaccount:{NAMESPACE}:{account}"
+    assert cel.evaluate(condition["expression"], {"request": {"userInfo": {"username": user}}})
+    assert policy["spec"]["failurePolicy"] == "Fail"
+    binding = chart.one("ValidatingAdmissionPolicyBinding")
+    assert binding["spec"] == {
+        "policyName": policy["metadata"]["name"],
+        "validationActions": ["Deny"],
+    }

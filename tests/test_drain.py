@@ -24,7 +24,13 @@ from tests.fake_stunnerd import OTEL_LABELS, FakeStunnerdFleet, Target
 from tests.standin_apiserver import StandinAPIServer, stunnerd_pod
 from webhooks.kube import Kube
 from webhooks.lifecycle import scrape
-from webhooks.lifecycle.drain import DRAINED, Drainer, DrainPod
+from webhooks.lifecycle.drain import (
+    DRAINED,
+    FRESH_READ_BURST,
+    FRESH_READS_PER_SECOND,
+    Drainer,
+)
+from webhooks.lifecycle.podwatch import DrainPod
 from webhooks.lifecycle.scrape import (
     READER_NICENESS,
     RESULTS_BATCH_MAX,
@@ -270,7 +276,10 @@ def test_an_unknown_token_is_404_at_once(cluster):
     assert answer.seconds < 0.5
 
 
-def test_a_pod_that_is_not_terminating_is_409_at_once(cluster):
+NS_PODS = f"/api/v1/namespaces/{NS}/pods"  # where a drain call's fresh read goes
+
+
+def test_a_pod_that_is_not_terminating_is_409_once_the_watch_and_a_fresh_read_agree(cluster):
     pod = cluster.pod("udp-gateway-abc", terminating=False)
     drainer = cluster.drainer()
     answer = drainer.drain(NS, pod.token)
@@ -279,25 +288,98 @@ def test_a_pod_that_is_not_terminating_is_409_at_once(cluster):
         "not_terminating",
         f"{NS}/{pod.name}",
     )
-    assert answer.seconds < 0.5
+    # The watch had confirmSeconds to show a deletionTimestamp, then one fresh read.
+    assert FAST.confirmSeconds <= answer.seconds < FAST.confirmSeconds + 0.5
+    assert cluster.api.count("list", NS_PODS) == 1
     assert pod.target.scrapes == []
+
+
+def test_a_call_the_moment_kubelet_makes_it_is_held_without_an_api_read(cluster, calls):
+    """kubelet calls 50-120 ms after the delete (measured, REFERENCE.md): the watch has the
+    pod since its CREATE and shows the deletionTimestamp as soon as it comes."""
+    pods = [cluster.pod(f"udp-gateway-{i}", allocations=0, terminating=False) for i in range(5)]
+    drainer = cluster.drainer()
+    assert all(cluster.sees(drainer, pod, terminating=False) for pod in pods)
+    answers = []
+    for i, pod in enumerate(pods):
+        cluster.api.terminate(NS, pod.name)
+        time.sleep(0.05 + 0.07 * i / (len(pods) - 1))
+        answers.append(calls.submit(drainer.drain, NS, pod.token))
+    assert {a.result(timeout=5).outcome for a in answers} == {DRAINED}
+    assert cluster.api.count("list", NS_PODS) == 0
 
 
 def test_a_call_before_the_watch_shows_the_delete_is_confirmed_by_a_fresh_read(cluster, calls):
     pod = cluster.pod("udp-gateway-abc", terminating=False)
     drainer = cluster.drainer()
     assert cluster.sees(drainer, pod, terminating=False)
-    # kubelet calls ~100 ms after the delete; here the watch may not have caught up yet.
+    # A watch lagging behind the apiserver: the delete is there, the watch has not said so.
+    cluster.api.hold_watch_events()
     cluster.api.terminate(NS, pod.name)
     call = calls.submit(drainer.drain, NS, pod.token)
     assert pod.target.wait_for_scrapes(1), "the drain did not start"
+    assert cluster.api.count("list", NS_PODS) == 1
+    cluster.api.hold_watch_events(False)
     pod.target.allocations = 0
     assert call.result(timeout=5).outcome == DRAINED
 
 
+def _random_tokens(count: int) -> list[str]:
+    return [f"r{os.urandom(8).hex()}" for _ in range(count)]
+
+
+def test_unknown_tokens_cost_no_api_read_while_the_watch_is_in_sync(cluster, calls):
+    """Drain lookups cannot be used to hammer the apiserver: a token the synced watch has
+    never seen belongs to no pod the guard stamped (pods carry it from their CREATE)."""
+    pod = cluster.pod("udp-gateway-abc", terminating=False)
+    drainer = cluster.drainer()
+    assert cluster.sees(drainer, pod, terminating=False)
+    answers = [calls.submit(drainer.drain, NS, token) for token in _random_tokens(60)]
+    assert {a.result(timeout=10).outcome for a in answers} == {"not_found"}
+    assert cluster.api.count("list", NS_PODS) == 0
+
+
+def test_fresh_reads_are_rate_limited_while_the_watch_is_down(cluster, calls):
+    cluster.api.watch_status = 503  # lists work, no watch stays open
+    drainer = cluster.drainer()
+    drainer.start()
+    assert cluster.api.wait_until(lambda: cluster.api.count("list", "/api/v1/pods") >= 1)
+    started = time.monotonic()
+    answers = [calls.submit(drainer.drain, NS, token) for token in _random_tokens(60)]
+    outcomes = [a.result(timeout=10).outcome for a in answers]
+    elapsed = time.monotonic() - started
+    assert set(outcomes) <= {"not_found", "api_unavailable"}
+    reads = cluster.api.count("list", NS_PODS)
+    assert reads <= FRESH_READ_BURST + FRESH_READS_PER_SECOND * elapsed, (reads, elapsed)
+    assert outcomes.count("not_found") == reads  # each read answered its own call
+    # Reads are kept only as long as a call may wait to share one: random tokens cannot
+    # make the guard remember them without bound.
+    time.sleep(FAST.confirmSeconds + 0.1)
+    assert drainer.drain(NS, _random_tokens(1)[0]).outcome == "not_found"
+    assert len(drainer._fresh._flights) == 1
+
+
+def test_calls_for_one_pod_share_one_fresh_read(cluster, calls):
+    pod = cluster.pod("udp-gateway-abc", terminating=False)
+    drainer = cluster.drainer()
+    assert cluster.sees(drainer, pod, terminating=False)
+    answers = [calls.submit(drainer.drain, NS, pod.token) for _ in range(16)]
+    assert {a.result(timeout=5).outcome for a in answers} == {"not_terminating"}
+    assert cluster.api.count("list", NS_PODS) == 1
+
+
 @pytest.mark.parametrize(
     ("namespace", "token"),
-    [("Media", "tok"), (NS, "-tok"), (NS, "x" * 64), ("a" * 64, "tok"), (NS, "tok/../x")],
+    [
+        ("Media", "tok"),
+        (NS, "-tok"),
+        (NS, "x" * 64),
+        ("a" * 64, "tok"),
+        (NS, "tok/../x"),
+        # "$" in a regex also matches before a final newline: /drain/media/tok%0A.
+        (NS, "tok\n"),
+        (f"{NS}\n", "tok"),
+    ],
 )
 def test_a_path_that_is_no_namespace_and_token_is_404_without_asking_the_api(
     cluster, namespace, token
@@ -734,13 +816,25 @@ def test_drain_metrics_count_outcomes_and_drains_in_progress(cluster, calls):
 
 def test_only_pods_with_a_drain_token_are_drain_pods():
     pod = stunnerd_pod("p", NS, token="t", ip="10.0.0.5")
-    pod["metadata"] |= {"uid": "u1", "deletionTimestamp": "2026-11-24T14:00:05Z"}
+    pod["metadata"] |= {
+        "uid": "u1",
+        "deletionTimestamp": "2026-11-24T14:00:05Z",
+        "resourceVersion": "1234",
+        "annotations": {"controller.kubernetes.io/pod-deletion-cost": "3"},
+    }
     seen = DrainPod.from_object(pod)
     deleted = datetime.datetime(2026, 11, 24, 14, 0, 5, tzinfo=datetime.UTC).timestamp()
-    assert seen == DrainPod(NS, "p", "u1", "t", "10.0.0.5", deleted)
+    assert seen == DrainPod(NS, "p", "u1", "t", "10.0.0.5", deleted, True, "3", "1234")
     assert seen.terminating
     assert DrainPod.from_object(stunnerd_pod("p", NS, token=None)) is None
     assert DrainPod.from_object("not a pod") is None
+
+
+def test_the_watch_keeps_no_more_of_a_hostile_cost_annotation_than_an_int32_needs():
+    pod = stunnerd_pod("p", NS, token="t")
+    pod["metadata"]["annotations"] = {"controller.kubernetes.io/pod-deletion-cost": "9" * 100_000}
+    kept = DrainPod.from_object(pod).cost
+    assert kept == "9" * 12  # still not an int32, as the whole value is not
 
 
 @pytest.mark.parametrize(
@@ -784,6 +878,16 @@ def test_the_drain_routes_answer_kubelet_shaped_requests_with_json(cluster, call
         assert (missing.status_code, missing.get_json()["outcome"]) == (404, "not_found")
     finally:
         service.close()
+
+
+def test_a_percent_encoded_newline_in_the_path_never_reaches_the_api(cluster):
+    app = create_app(Settings(drain=FAST), kube=Kube.for_host(cluster.api.url, timeout=1.0))
+    try:
+        response = app.test_client().get(f"/drain/{NS}/tok%0A", headers=KUBELET)
+        assert (response.status_code, response.get_json()["outcome"]) == (404, "not_found")
+        assert cluster.api.count() == 0
+    finally:
+        app.extensions["stunner_guard"].close()
 
 
 def test_a_head_request_never_starts_a_drain():

@@ -168,6 +168,12 @@ def drains() -> Response:
     return _json(_service().drainer.in_progress())
 
 
+@blueprint.get("/census")
+def census() -> Response:
+    """The census: each running stunnerd pod's allocations and pod-deletion-cost."""
+    return _json(_service().census.snapshot())
+
+
 @blueprint.get("/healthz")
 def healthz() -> Response:
     return _plain(200, "ok")

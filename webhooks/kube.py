@@ -10,7 +10,9 @@ with a warning, and the drain endpoint answers at once that it cannot see pods.
 
 RBAC this module needs: ``get`` deployments (apps), ``get`` dataplanes
 (stunner.l7mp.io), ``list``/``watch`` pods (cluster-wide: the drain's one pod watch),
-``create`` events.
+``create`` events; with the census in enforce mode also ``patch`` pods (only the
+pod-deletion-cost annotation: the chart's ValidatingAdmissionPolicy refuses anything else)
+and ``get``/``create``/``update`` leases in the guard's own namespace (its leader election).
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ class KubeUnavailable(Exception):
 
 class WatchExpired(KubeUnavailable):
     """The watch's resourceVersion is too old (410 Gone): list again, then watch."""
+
+
+class Conflict(KubeUnavailable):
+    """A write refused with 409: the object changed since it was read (resourceVersion
+    precondition), or, on create, it exists already."""
 
 
 class Kube:
@@ -81,12 +88,13 @@ class Kube:
         query: list[tuple[str, Any]] | None = None,
         body: dict | None = None,
         timeout: float | tuple[float, float] | None = None,
+        content_type: str = "application/json",
     ):
         """One request through the client's serializer (auth, token refresh, query
         encoding); the unread urllib3 response, KubeUnavailable when nothing came back."""
         headers = {"Accept": "application/json"}
         if body is not None:
-            headers["Content-Type"] = "application/json"
+            headers["Content-Type"] = content_type
         request = self.api.param_serialize(
             method,
             path,
@@ -109,7 +117,25 @@ class Kube:
 
     @staticmethod
     def _failure(response) -> KubeUnavailable:
-        return KubeUnavailable(f"API answered {response.status} {response.reason}")
+        """The error for an answer outside 2xx, with the apiserver's Status message (read
+        from the body, which is then drained)."""
+        message = ""
+        with contextlib.suppress(Exception):
+            status = json.loads(response.data)
+            message = str(status.get("message") or "")[:300]
+        kind = Conflict if response.status == 409 else KubeUnavailable
+        text = f"API answered {response.status} {response.reason}"
+        return kind(f"{text}: {message}" if message else text)
+
+    def _write(
+        self, method: str, path: str, body: dict, content_type: str = "application/json"
+    ) -> dict:
+        """A write; the object as the API stored it, Conflict on 409, KubeUnavailable
+        otherwise (422 included, with the apiserver's reason)."""
+        response = self._send(method, path, body=body, content_type=content_type)
+        if not 200 <= response.status <= 299:
+            raise self._failure(response)
+        return self._json(response)
 
     def _get(self, path: str, query: list[tuple[str, Any]] | None = None) -> dict | None:
         """GET a path; the object as a dict, None on 404, KubeUnavailable otherwise."""
@@ -174,6 +200,40 @@ class Kube:
             response.drain_conn()
             raise self._failure(response)
         return PodWatch(response)
+
+    def patch_pod_annotation(
+        self, namespace: str, name: str, key: str, value: str, resource_version: str
+    ) -> dict:
+        """Set one annotation on a pod with a JSON merge patch (RFC 7386) that carries
+        nothing else but the resourceVersion it was decided on: the apiserver refuses it
+        with 409 (Conflict) when the pod changed since, e.g. got its deletionTimestamp.
+        The pod as stored."""
+        patch = {"metadata": {"resourceVersion": resource_version, "annotations": {key: value}}}
+        return self._write(
+            "PATCH",
+            f"{self._pods_path(namespace)}/{name}",
+            patch,
+            content_type="application/merge-patch+json",
+        )
+
+    # ----------------------------------------------------------------- leases (census)
+
+    @staticmethod
+    def _leases_path(namespace: str) -> str:
+        return f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
+
+    def read_lease(self, namespace: str, name: str) -> dict | None:
+        return self._get(f"{self._leases_path(namespace)}/{name}")
+
+    def create_lease(self, namespace: str, lease: dict) -> dict:
+        """Conflict when it exists already (another replica created it first)."""
+        return self._write("POST", self._leases_path(namespace), lease)
+
+    def replace_lease(self, namespace: str, lease: dict) -> dict:
+        """PUT with the resourceVersion the lease carries: Conflict when another replica
+        wrote it since."""
+        name = lease["metadata"]["name"]
+        return self._write("PUT", f"{self._leases_path(namespace)}/{name}", lease)
 
     # ----------------------------------------------------------------- events
 

@@ -27,6 +27,7 @@ from webhooks import certs
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+CENSUS_ROUND_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 DRAIN_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 14400)
 # TURN allocations a stunnerd pod still had when its drain reached the deadline.
 ALLOCATION_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
@@ -119,6 +120,49 @@ class Metrics:
             "stunner_guard_drain_scrapes",
             "Reads of stunner_allocations_active from stunnerd pods, by result.",
             ["result"],
+            registry=r,
+        )
+        # The census (lifecycle/census.py). Labels from closed sets only: no pod names.
+        self.census_round_duration = Histogram(
+            "stunner_guard_census_round_duration_seconds",
+            "Time a census round took: reading every running stunnerd pod, then writing.",
+            buckets=CENSUS_ROUND_BUCKETS,
+            registry=r,
+        )
+        self.census_reads = Counter(
+            "stunner_guard_census_reads",
+            "Census reads of stunner_allocations_active, by result (ok, failed, unobservable).",
+            ["result"],
+            registry=r,
+        )
+        self.census_writes = Counter(
+            "stunner_guard_census_writes",
+            "pod-deletion-cost writes, by result (ok, conflict, failed).",
+            ["result"],
+            registry=r,
+        )
+        self.census_writes_skipped = Counter(
+            "stunner_guard_census_writes_skipped",
+            "Wanted pod-deletion-cost writes not made, by reason (budget: the fleet-wide "
+            "write cap; min_interval: the pod was written less than minPatchSeconds ago; "
+            "warn: census.mode is warn).",
+            ["reason"],
+            registry=r,
+        )
+        self.census_pods = Gauge(
+            "stunner_guard_census_pods",
+            "Running stunnerd pods in the last census round of this replica.",
+            registry=r,
+        )
+        self.census_leader = Gauge(
+            "stunner_guard_census_leader",
+            "1 when this replica holds the census Lease (the one that writes).",
+            registry=r,
+        )
+        self.census_pods_by_cost = Gauge(
+            "stunner_guard_census_pods_by_cost",
+            "Pods by the pod-deletion-cost the census wants for them (0: empty).",
+            ["cost"],
             registry=r,
         )
         self.pod_watch_connected = OptionalGauge(

@@ -23,6 +23,11 @@ MAX_RECORDED_CHANGE_CHARS = 300
 # Why drain is off for a pod (a user preStop was kept).
 DRAIN_ANNOTATION = "stunner-guard.l7mp.io/drain"
 
+# The ReplicaSet controller deletes pods with a lower value first on scale-down (after
+# unscheduled, pending and not-ready ones); int32 as a decimal string, absent means 0. The
+# census keeps it on running stunnerd pods in step with their TURN allocations.
+POD_DELETION_COST_ANNOTATION = "controller.kubernetes.io/pod-deletion-cost"
+
 DRAIN_PATH_PREFIX = "/drain"
 
 

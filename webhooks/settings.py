@@ -2,8 +2,9 @@
 
 Two sources:
 - the policy file (YAML, path in ``STUNNER_GUARD_POLICY_FILE``; the Helm chart renders it
-  from ``.Values.policy.rules`` and ``.Values.policy.drain`` into a ConfigMap) over the built-in
-  defaults below, which come from STUNner's own scaling guidance (DESIGN.md "Policy");
+  from ``.Values.policy.rules``, ``.Values.policy.drain`` and ``.Values.census`` into a
+  ConfigMap) over the built-in defaults below, which come from STUNner's own scaling
+  guidance (DESIGN.md "Policy");
 - environment variables for everything about where the service runs.
 
 An invalid policy file stops startup with a ``PolicyError`` naming the offending key.
@@ -12,6 +13,7 @@ An invalid policy file stops startup with a ``PolicyError`` naming the offending
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, fields, replace
 from decimal import Decimal
 from pathlib import Path
@@ -143,10 +145,45 @@ class DrainSettings:
     # Held drain calls occupy gunicorn threads; calls beyond this cap get 503 at once.
     # gunicorn.conf.py sizes its thread pool as this plus threads kept for admission.
     maxConcurrent: int = 1000
-    # How long a drain call may wait for the pod watch's first list, and, when a fresh
-    # API read cannot be made, for the watch to show the deletionTimestamp (kubelet calls
-    # 50-120 ms after the delete) before answering.
+    # How long a drain call waits for the pod watch to show a known pod's
+    # deletionTimestamp (kubelet calls 50-120 ms after the delete) before one fresh API
+    # read decides; also the longest wait for the watch's first list.
     confirmSeconds: float = 2.0
+
+
+@dataclass(frozen=True)
+class CensusSettings:
+    """The census (DESIGN.md "The census"): keep controller.kubernetes.io/pod-deletion-cost
+    on running stunnerd pods in step with their TURN allocations. Policy file key
+    ``census:`` (Helm ``.Values.census``)."""
+
+    # enforce: write the cost (one replica, the Lease holder); warn: compute it and show it
+    # (/census, metrics) but write nothing; off. Off when not configured: writing needs the
+    # RBAC and the ValidatingAdmissionPolicy the Helm chart installs with census.mode.
+    mode: str = OFF
+    # How often every running stunnerd pod's allocations are read (the HPA's default
+    # scale-down stabilization window is 300 s: fresh enough).
+    intervalSeconds: float = 30.0
+    # At most one write per pod per this many seconds, empty <-> non-empty included.
+    minPatchSeconds: float = 60.0
+    # Writes over the whole fleet: at most this many per second after a burst of
+    # writeBurst (every write is an apiserver update sent to every pod watcher).
+    maxWritesPerSecond: float = 1.0
+    writeBurst: int = 10
+    # The coordination.k8s.io/v1 Lease in the guard's namespace that elects the one writer,
+    # and client-go's leader-election timings (lease > renew deadline > 1.2 x retry).
+    leaseName: str = "stunner-guard-census"
+    leaseDurationSeconds: int = 15
+    renewDeadlineSeconds: float = 10.0
+    retryPeriodSeconds: float = 2.0
+
+    @property
+    def on(self) -> bool:
+        return self.mode != OFF
+
+    @property
+    def writes(self) -> bool:
+        return self.mode == ENFORCE
 
 
 # --------------------------------------------------------------------------- settings
@@ -156,6 +193,7 @@ class DrainSettings:
 class Settings:
     policy: Policy = field(default_factory=Policy)
     drain: DrainSettings = field(default_factory=DrainSettings)
+    census: CensusSettings = field(default_factory=CensusSettings)
     # STUNNER_GUARD_POLICY_FILE: where policy came from (None: built-in defaults).
     policyFile: str | None = None
     # STUNNER_GUARD_CERT_FILE / STUNNER_GUARD_KEY_FILE: serving certificate and key.
@@ -322,32 +360,70 @@ def _check_drain(d: DrainSettings) -> None:
         raise PolicyError(f"drain.metricsPath: {d.metricsPath!r} must start with /")
 
 
-def load_policy_document(doc: Any, source: str = "policy") -> tuple[Policy, DrainSettings]:
-    """Policy and drain settings from a parsed policy document (``rules:`` and ``drain:``)."""
+_LEASE_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+
+
+def _check_census(c: CensusSettings) -> None:
+    if c.intervalSeconds <= 0:
+        raise PolicyError("census.intervalSeconds: must be greater than 0")
+    if c.maxWritesPerSecond <= 0:
+        raise PolicyError("census.maxWritesPerSecond: must be greater than 0")
+    if c.writeBurst < 1:
+        raise PolicyError("census.writeBurst: must be at least 1")
+    if not _LEASE_NAME.fullmatch(c.leaseName):
+        raise PolicyError(f"census.leaseName: {c.leaseName!r} is not a DNS subdomain name")
+    if not c.leaseDurationSeconds > c.renewDeadlineSeconds > 1.2 * c.retryPeriodSeconds > 0:
+        raise PolicyError(
+            "census: leaseDurationSeconds > renewDeadlineSeconds > 1.2 x retryPeriodSeconds > 0 "
+            "is needed, or two replicas could write at once"
+        )
+
+
+DOCUMENT_KEYS = ("census", "drain", "rules")
+
+
+def load_document(doc: Any, source: str = "policy") -> tuple[Policy, DrainSettings, CensusSettings]:
+    """Everything a parsed policy document sets (``rules:``, ``drain:``, ``census:``)."""
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
-        raise PolicyError(f"{source}: expected a mapping with keys rules, drain")
-    unknown = set(doc) - {"rules", "drain"}
+        raise PolicyError(f"{source}: expected a mapping with keys {', '.join(DOCUMENT_KEYS)}")
+    unknown = set(doc) - set(DOCUMENT_KEYS)
     if unknown:
-        raise PolicyError(f"{sorted(unknown)[0]}: unknown key (known: drain, rules)")
+        raise PolicyError(f"{sorted(unknown)[0]}: unknown key (known: {', '.join(DOCUMENT_KEYS)})")
     policy = _build(Policy, doc.get("rules"), "rules", Policy())
     drain = _build(DrainSettings, doc.get("drain"), "drain", DrainSettings())
+    census = _build(CensusSettings, doc.get("census"), "census", CensusSettings())
     _check_policy(policy)
     _check_drain(drain)
+    _check_census(census)
+    return policy, drain, census
+
+
+def load_policy_document(doc: Any, source: str = "policy") -> tuple[Policy, DrainSettings]:
+    """Policy and drain settings from a parsed policy document (the whole document is
+    checked, ``census:`` too: see load_document)."""
+    policy, drain, _ = load_document(doc, source)
     return policy, drain
 
 
-def load_policy_file(path: str) -> tuple[Policy, DrainSettings]:
+def _read_document(path: str) -> Any:
     try:
         text = Path(path).read_text()
     except OSError as err:
         raise PolicyError(f"policy file {path}: {err.strerror}") from err
     try:
-        doc = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise PolicyError(f"policy file {path}: not YAML: {err}") from err
-    return load_policy_document(doc, path)
+
+
+def load_policy_file(path: str) -> tuple[Policy, DrainSettings]:
+    return load_policy_document(_read_document(path), path)
+
+
+def load_file(path: str) -> tuple[Policy, DrainSettings, CensusSettings]:
+    return load_document(_read_document(path), path)
 
 
 def _env_int(env: dict[str, str], name: str, default: int) -> int:
@@ -389,7 +465,9 @@ def from_env(env: dict[str, str] | None = None) -> Settings:
     """Settings from the environment (and the policy file it names)."""
     env = dict(os.environ if env is None else env)
     policy_file = env.get("STUNNER_GUARD_POLICY_FILE") or None
-    policy, drain = load_policy_file(policy_file) if policy_file else (Policy(), DrainSettings())
+    policy, drain, census = (
+        load_file(policy_file) if policy_file else (Policy(), DrainSettings(), CensusSettings())
+    )
 
     drain_host = env.get("STUNNER_GUARD_DRAIN_HOST") or None
     drain_port = _env_int(env, "STUNNER_GUARD_DRAIN_PORT", 0)
@@ -413,6 +491,7 @@ def from_env(env: dict[str, str] | None = None) -> Settings:
     return Settings(
         policy=policy,
         drain=drain,
+        census=census,
         policyFile=policy_file,
         certFile=cert_file,
         caFile=env.get("STUNNER_GUARD_CA_FILE") or str(Path(cert_file).parent / "ca.crt"),

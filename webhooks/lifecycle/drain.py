@@ -11,7 +11,8 @@ are for people and logs:
     ----------------------------------------------------------------  -------------------
     malformed namespace/token, namespace not watched, no such pod     404 not_found
     pod not terminating (no deletionTimestamp)                        409 not_terminating
-    no Kubernetes API (none configured, or unreachable to confirm)    503 api_unavailable
+    no Kubernetes API (none configured, unreachable to confirm, or    503 api_unavailable
+      the fresh-read rate limit spent)
     drain.maxConcurrent calls already held                            503 over_capacity
     allocations not observable (refused, no pod IP, metric absent,    502 unobservable
       or drain.maxFailedReads failed reads in a row)
@@ -21,10 +22,13 @@ are for people and logs:
     stunner-guard shutting down while held                            503 stopped
 
 Only a real, observable termination blocks (drained, deadline, pod_deleted, stopped, and
-unobservable after failed reads); everything else answers at once. Per process: one pod
+unobservable after failed reads); everything else answers at once, or, for a pod the watch
+knows but does not show terminating, once drain.confirmSeconds have passed and a fresh
+API read agrees (Drainer._terminating_pod). Per process: one pod
 watch (label selector on the drain token label) instead of API calls per request, one
 waiter per pod however many duplicate calls arrive, at most one metrics read per pod per
-poll interval, and one drain loop thread that schedules every read. The reads themselves
+poll interval, and one drain loop thread that schedules every read, the census's too
+(``read_for_census``: one reader key and kept connection per pod for both). The reads themselves
 run in a child process (webhooks/lifecycle/scrape.py), off the GIL that admission needs; it passes
 zeros and failed reads on within 20 ms and other counts in batches of at most 64 within
 0.1 s. A thousand held drains cost a thousand idle request threads, a tenth of a core in
@@ -35,24 +39,23 @@ measured with no admission load), and one kept-alive connection per pod.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import heapq
 import itertools
 import logging
 import math
-import queue
-import random
 import re
 import selectors
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from webhooks import names
-from webhooks.kube import Kube, KubeUnavailable, PodWatch, WatchExpired
+from webhooks.kube import Kube, KubeUnavailable
+from webhooks.lifecycle.events import EventRecorder
+from webhooks.lifecycle.podwatch import DrainPod, PodWatcher, rfc3339
 from webhooks.lifecycle.scrape import READ_RESULTS, Reader, Reading, ReadSpec
 from webhooks.metrics import Metrics
 from webhooks.settings import Settings
@@ -81,35 +84,31 @@ STATUS = {
     STOPPED: 503,
 }
 
-# What the path may carry: a namespace is a DNS-1123 label, the token a label value.
-_NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
-
-# The watch: the apiserver ends each watch after a random 5-10 minutes (like client-go's
-# reflector), and reconnects back off from 0.5 s to 30 s while the API is unreachable.
-WATCH_SECONDS = (300, 600)
-BACKOFF_FIRST_SECONDS = 0.5
-BACKOFF_MAX_SECONDS = 30.0
-# A watch that lived this long was healthy: the next reconnect is immediate.
-HEALTHY_WATCH_SECONDS = 10.0
+# What the path may carry: a namespace is a DNS-1123 label, the token a label value. Used
+# with fullmatch: "$" would also match before a final newline (/drain/media/tok%0A).
+_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_LABEL_VALUE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
 
 # Reads fall due on a grid of this step, so that one pass of the drain loop starts (and
 # one select() collects) many pods' reads instead of one: a thousand pods cost fewer loop
 # passes. It delays a read by this much at most.
 READ_SLOT_SECONDS = 0.02
+# A drain call for a token the pod watch (open, in sync) has not seen waits this long for
+# its ADDED event, then answers 404 without asking the API: every stunnerd pod carries its
+# token from its CREATE, long before kubelet can run its preStop, so an unseen token is
+# one the guard never stamped (a typo, a probe, or a caller trying to make the guard hammer
+# the apiserver with a LIST per call).
+UNSEEN_TOKEN_WAIT_SECONDS = 0.25
+# Fresh API reads (the watch is down, or it has not shown a known pod's deletionTimestamp
+# within drain.confirmSeconds): at most this many per second after a burst, and calls for
+# the same token share one read. A call that finds no read left within its
+# confirmSeconds answers 503 at once, as when the API is unreachable.
+FRESH_READS_PER_SECOND = 5.0
+FRESH_READ_BURST = 10
 # The reader ends a read at drain.scrapeTimeoutSeconds (and its result may wait up to
 # scrape.RESULTS_EVERY_SECONDS to go out with others); one not answered this much later is
 # stuck (or still starting), and the read counts as failed.
 READER_SLACK_SECONDS = 2.0
-
-# Events are best-effort and sent from their own thread, at most EVENTS_PER_SECOND after a
-# burst of EVENT_BURST (kubelet's own --event-qps/--event-burst defaults), so that a
-# thousand drains ending at once do not take the CPU their answers need. Past
-# EVENT_QUEUE_SIZE waiting, new ones are dropped (logged) rather than queued without bound.
-EVENTS_PER_SECOND = 50.0
-EVENT_BURST = 100
-EVENT_QUEUE_SIZE = 10_000
-EVENT_SOURCE = "stunner-guard"
 
 
 # --------------------------------------------------------------------------- answers
@@ -139,283 +138,133 @@ class Answer:
         }
 
 
-# --------------------------------------------------------------------------- pods
+# --------------------------------------------------------------------------- fresh reads
 
 
-def _timestamp(value: Any) -> float | None:
-    """metav1.Time (RFC 3339, whole seconds from a real apiserver) as epoch seconds."""
-    if not isinstance(value, str):
-        return None
-    try:
-        return datetime.datetime.fromisoformat(value).timestamp()
-    except ValueError:
-        return None
+class ReadsExhausted(KubeUnavailable):
+    """No fresh read could be made in time: the rate limit's reads were all taken."""
 
 
-def rfc3339(moment: float) -> str:
-    stamp = datetime.datetime.fromtimestamp(moment, datetime.UTC)
-    return stamp.isoformat(timespec="seconds").replace("+00:00", "Z")
+@dataclass(eq=False)
+class _Flight:
+    """One fresh read of the pods carrying a token, shared by the calls waiting on it."""
+
+    started: float  # monotonic
+    done: bool = False
+    items: list[dict] = field(default_factory=list)
+    error: KubeUnavailable | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class DrainPod:
-    """The few fields of a stunnerd Pod the drain needs (the watch keeps only these)."""
+class FreshReads:
+    """Pod reads that bypass the watch, for the drain calls it cannot answer: one read per
+    (namespace, token) at a time, shared by every call that arrived before it started (it
+    then shows the pod as it was when they arrived, or later), and at most
+    FRESH_READS_PER_SECOND after a burst of FRESH_READ_BURST overall. A read is kept for
+    ``keep_seconds`` (a call's longest wait) for calls still waiting to share it, then
+    forgotten: random tokens cannot grow it without bound."""
 
-    namespace: str
-    name: str
-    uid: str
-    token: str
-    ip: str | None
-    deletion: float | None  # deletionTimestamp, epoch seconds
-
-    @classmethod
-    def from_object(cls, obj: Any) -> DrainPod | None:
-        """None for anything that is not a pod carrying a drain token."""
-        if not isinstance(obj, dict):
-            return None
-        meta = obj.get("metadata") or {}
-        token = (meta.get("labels") or {}).get(names.DRAIN_TOKEN_LABEL)
-        if not (token and meta.get("name") and meta.get("namespace")):
-            return None
-        return cls(
-            namespace=meta["namespace"],
-            name=meta["name"],
-            uid=meta.get("uid") or "",
-            token=token,
-            ip=(obj.get("status") or {}).get("podIP") or None,
-            deletion=_timestamp(meta.get("deletionTimestamp")),
-        )
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return self.namespace, self.name
-
-    @property
-    def ref(self) -> str:
-        return f"{self.namespace}/{self.name}"
-
-    @property
-    def terminating(self) -> bool:
-        return self.deletion is not None
-
-
-# --------------------------------------------------------------------------- the pod watch
-
-
-def _backoff(failures: int) -> float:
-    delay = min(BACKOFF_MAX_SECONDS, BACKOFF_FIRST_SECONDS * 2 ** (failures - 1))
-    return delay * random.uniform(0.8, 1.2)
-
-
-class PodWatcher:
-    """The one pod watch of this process: list + watch of every pod carrying the drain
-    token label, kept as a small index by (namespace, token). Reconnects with backoff when
-    the watch drops, relists when its resourceVersion expired, and tells ``on_change``
-    about every pod it sees change or vanish (``"DELETED"`` or ``"MODIFIED"``)."""
-
-    def __init__(
-        self,
-        kube: Kube,
-        settings: Settings,
-        on_change: Callable[[str, DrainPod], None],
-    ) -> None:
+    def __init__(self, kube: Kube, keep_seconds: float) -> None:
         self.kube = kube
-        self.settings = settings
-        self.on_change = on_change
+        self.keep_seconds = keep_seconds
         self._cond = threading.Condition()
-        self._by_token: dict[tuple[str, str], DrainPod] = {}
-        self._by_name: dict[tuple[str, str], DrainPod] = {}
-        self._resource_version = ""
-        self._attempted = False  # the first list finished, well or not
-        self._connected = False  # a watch is open now
-        self._stop = threading.Event()
-        self._stream: PodWatch | None = None
-        self._thread: threading.Thread | None = None
+        # In the order they started: the oldest are forgotten first.
+        self._flights: OrderedDict[tuple[str, str], _Flight] = OrderedDict()
+        self._tokens = float(FRESH_READ_BURST)
+        self._refilled = time.monotonic()
 
-    def start(self) -> None:
+    def pods(self, namespace: str, token: str, arrived: float, deadline: float) -> list[dict]:
+        """The pods carrying ``token``, read after ``arrived`` (monotonic); KubeUnavailable
+        when the API did not answer, ReadsExhausted when no read could start by
+        ``deadline``."""
+        key = (namespace, token)
         with self._cond:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="pod-watch", daemon=True)
-                self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        with self._cond:
-            stream = self._stream
-            self._cond.notify_all()
-        if stream is not None:
-            stream.close()
-
-    @property
-    def connected(self) -> bool:
-        with self._cond:
-            return self._connected
-
-    def lookup(self, namespace: str, token: str, wait: float) -> DrainPod | None:
-        """The pod with this token as the watch knows it; waits up to ``wait`` seconds for
-        the first list when the watch is just starting."""
-        with self._cond:
-            self._cond.wait_for(lambda: self._attempted or self._stop.is_set(), wait)
-            return self._by_token.get((namespace, token))
-
-    def wait_terminating(self, namespace: str, token: str, wait: float) -> DrainPod | None:
-        """The pod once the watch shows it terminating, waiting up to ``wait`` seconds; None
-        at once when no watch is open (nothing could arrive)."""
-
-        def seen() -> DrainPod | None:
-            pod = self._by_token.get((namespace, token))
-            return pod if pod and pod.terminating else None
-
-        with self._cond:
-            if not self._connected:
-                return None
-            self._cond.wait_for(lambda: seen() or not self._connected, wait)
-            return seen()
-
-    # ---------------------------------------------------------------- thread
-
-    def _run(self) -> None:
-        failures = 0
-        while not self._stop.is_set():
-            opened = time.monotonic()
+            while True:
+                flight = self._flights.get(key)
+                if flight is not None and flight.started >= arrived:
+                    mine = False  # it began after this call arrived: its answer will do
+                    break
+                if flight is not None and not flight.done:
+                    # It may predate the delete: wait for it to end, then read anew.
+                    left = deadline - time.monotonic()
+                    if not self._cond.wait_for(lambda f=flight: f.done, left):
+                        raise ReadsExhausted(f"no fresh read of drain token {token} in time")
+                    continue
+                if not self._take(deadline):
+                    raise ReadsExhausted(
+                        f"more than {FRESH_READS_PER_SECOND:g} fresh API reads a second "
+                        "asked for: cannot confirm this call"
+                    )
+                shared = self._flights.get(key)
+                if shared is not None and shared.started >= arrived:
+                    # Another call started one while this one waited for the bucket.
+                    self._tokens += 1
+                    continue
+                self._forget_old()
+                flight = self._flights[key] = _Flight(time.monotonic())
+                self._flights.move_to_end(key)
+                mine = True
+                break
+            if not mine:
+                self._cond.wait_for(lambda: flight.done)
+        if mine:
             try:
-                if not self._resource_version:
-                    self._relist()
-                self._watch()
-            except WatchExpired:
-                self._resource_version = ""  # compacted: list again
+                selector = f"{names.DRAIN_TOKEN_LABEL}={token}"
+                flight.items, _ = self.kube.list_pods(selector, namespace)
             except KubeUnavailable as err:
-                if not self._stop.is_set():
-                    log.warning("pod watch: %s", err)
+                flight.error = err
             finally:
                 with self._cond:
-                    self._attempted = True
-                    self._connected = False
-                    self._stream = None
+                    flight.done = True
                     self._cond.notify_all()
-            failures = 0 if time.monotonic() - opened >= HEALTHY_WATCH_SECONDS else failures + 1
-            if failures:
-                self._stop.wait(_backoff(failures))
+        if flight.error is not None:
+            raise flight.error
+        return flight.items
 
-    def _relist(self) -> None:
-        items, version = self.kube.list_pods(names.DRAIN_TOKEN_LABEL)
-        pods = [p for p in map(DrainPod.from_object, items) if p and self._watched(p)]
-        current = {p.key for p in pods}
-        with self._cond:
-            vanished = [p for key, p in self._by_name.items() if key not in current]
-            self._by_name = {p.key: p for p in pods}
-            self._by_token = {(p.namespace, p.token): p for p in pods}
-            self._resource_version = version
-            self._attempted = True
-            self._cond.notify_all()
-        # Pods deleted while the watch was down, then the current state of the rest.
-        for pod in vanished:
-            self.on_change("DELETED", pod)
-        for pod in pods:
-            self.on_change("MODIFIED", pod)
+    def _forget_old(self) -> None:
+        """Drop the reads no call can still share. Lock held."""
+        too_old = time.monotonic() - self.keep_seconds
+        while self._flights:
+            key, flight = next(iter(self._flights.items()))
+            if not (flight.done and flight.started < too_old):
+                break
+            del self._flights[key]
 
-    def _watch(self) -> None:
-        timeout = random.randint(*WATCH_SECONDS)
-        stream = self.kube.watch_pods(names.DRAIN_TOKEN_LABEL, self._resource_version, timeout)
-        with self._cond:
-            if self._stop.is_set():
-                stream.close()
-                return
-            self._stream = stream
-            self._connected = True
-            self._cond.notify_all()
-        for kind, obj in stream:
-            version = (obj.get("metadata") or {}).get("resourceVersion")
-            if version:
-                self._resource_version = str(version)
-            pod = DrainPod.from_object(obj)
-            if kind in ("ADDED", "MODIFIED", "DELETED") and pod and self._watched(pod):
-                self._apply(kind, pod)
-
-    def _watched(self, pod: DrainPod) -> bool:
-        return self.settings.watches(pod.namespace)
-
-    def _apply(self, kind: str, pod: DrainPod) -> None:
-        with self._cond:
-            old = self._by_name.pop(pod.key, None)
-            if old is not None and self._by_token.get((old.namespace, old.token)) == old:
-                del self._by_token[(old.namespace, old.token)]
-            if kind != "DELETED":
-                self._by_name[pod.key] = pod
-                self._by_token[(pod.namespace, pod.token)] = pod
-            self._cond.notify_all()
-        self.on_change("DELETED" if kind == "DELETED" else "MODIFIED", pod)
-
-
-# --------------------------------------------------------------------------- events
-
-
-class EventRecorder:
-    """Kubernetes Events on the drained pod, best-effort: sent from one thread, a failure
-    is logged and never touches the drain's answer."""
-
-    def __init__(self, kube: Kube, instance: str) -> None:
-        self.kube = kube
-        self.instance = instance
-        self._queue: queue.Queue[dict | None] = queue.Queue(EVENT_QUEUE_SIZE)
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-
-    def record(self, pod: DrainPod, reason: str, message: str, warning: bool = False) -> None:
-        now = rfc3339(time.time())
-        event = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {
-                "name": f"{pod.name}.{time.time_ns():x}",
-                "namespace": pod.namespace,
-            },
-            "involvedObject": {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "namespace": pod.namespace,
-                "name": pod.name,
-                "uid": pod.uid,
-            },
-            "reason": reason,
-            "message": message,
-            "type": "Warning" if warning else "Normal",
-            "source": {"component": EVENT_SOURCE},
-            "reportingComponent": EVENT_SOURCE,
-            "reportingInstance": self.instance,
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-        }
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="drain-events", daemon=True)
-                self._thread.start()
-        try:
-            self._queue.put_nowait(event)
-        except queue.Full:
-            log.warning("event dropped (queue full): %s %s: %s", reason, pod.ref, message)
-
-    def close(self) -> None:
-        with contextlib.suppress(queue.Full):
-            self._queue.put_nowait(None)
-
-    def _run(self) -> None:
-        tokens, refilled = float(EVENT_BURST), time.monotonic()
-        while (event := self._queue.get()) is not None:
+    def _take(self, deadline: float) -> bool:
+        """One read from the bucket, waiting for one up to ``deadline``. Lock held."""
+        while True:
             now = time.monotonic()
-            tokens = min(EVENT_BURST, tokens + (now - refilled) * EVENTS_PER_SECOND)
-            refilled = now
-            if tokens < 1:
-                time.sleep((1 - tokens) / EVENTS_PER_SECOND)
-            tokens -= 1
-            try:
-                self.kube.create_event(event["metadata"]["namespace"], event)
-            except KubeUnavailable as err:
-                log.info("event %s not recorded: %s", event["reason"], err)
+            self._tokens = min(
+                FRESH_READ_BURST, self._tokens + (now - self._refilled) * FRESH_READS_PER_SECOND
+            )
+            self._refilled = now
+            if self._tokens >= 1:
+                self._tokens -= 1
+                return True
+            wait = (1 - self._tokens) / FRESH_READS_PER_SECOND
+            if now + wait > deadline:
+                return False
+            self._cond.wait(wait)
 
 
 # --------------------------------------------------------------------------- the drainer
+
+
+@dataclass(slots=True)
+class PodKey:
+    """The reader's key for one pod, and whether the reader has been sent it (and so may
+    keep a connection to the pod)."""
+
+    uid: str
+    key: int
+    sent: bool = False
+
+
+@dataclass(eq=False)
+class CensusReads:
+    """One census round's reads in flight: reader key -> pod, and the readings so far."""
+
+    pods: dict[int, tuple[str, str]] = field(default_factory=dict)
+    readings: dict[int, Reading] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -427,11 +276,11 @@ class Waiter:
     started_at: float  # epoch seconds, for /drains
     deadline: float  # monotonic
     deadline_at: float  # epoch seconds
-    key: int = 0  # the reader process's name for this drain
+    key: int = 0  # the reader process's name for this pod (shared with the census)
     allocations: int | None = None
     failed_reads: int = 0
     reading_until: float | None = None  # monotonic; set while a read is in flight
-    asked: bool = False  # the reader has read (and may keep a connection to) this pod
+    asked: bool = False  # this drain has asked the reader for a read
     next_scrape: float = 0.0  # monotonic
     plan: int = 0  # the drain loop's schedule entry that is current for this waiter
     answer: Answer | None = None
@@ -440,8 +289,9 @@ class Waiter:
 
 class Drainer:
     """Answers drain calls; owns the pod watch, the drain loop (one thread: every waiter's
-    schedule, and the metrics reader process it hands the reads to) and the event
-    recorder, all started on the first call (``create_app`` stays fast)."""
+    schedule, the census's reads, and the metrics reader process it hands the reads to)
+    and the event recorder, all started by ``start()`` (Service.start at worker start) or
+    else on the first call (``create_app`` stays fast)."""
 
     def __init__(
         self,
@@ -464,8 +314,16 @@ class Drainer:
         self._closed = False
         self.watcher = PodWatcher(kube, settings, self._pod_changed) if kube else None
         self.events = EventRecorder(kube, self.instance) if kube else None
+        self._fresh = FreshReads(kube, self.drain_settings.confirmSeconds) if kube else None
         self._keys = itertools.count(1)
-        self._reading: dict[int, Waiter] = {}  # reads in flight, by waiter key
+        # The reader's key for each pod it reads (drain and census alike), so that both
+        # share one kept-alive connection and one read in flight per pod.
+        self._pod_keys: dict[tuple[str, str], PodKey] = {}
+        self._reading: dict[int, Waiter] = {}  # drain reads in flight, by key
+        self._census_reading: dict[int, CensusReads] = {}  # census reads in flight, by key
+        # Each pod's last census read (monotonic end, reading): a drain that starts
+        # within a poll interval of it starts from it instead of reading the pod again.
+        self._census_read: dict[int, tuple[float, Reading]] = {}
         self._outbox: list[list] = []  # commands for the reader, sent by the drain loop
         # The drain loop's own: only its thread touches the selector and the reader.
         self._selector: selectors.BaseSelector | None = None
@@ -539,7 +397,7 @@ class Drainer:
 
     def _refusal(self, namespace: str, token: str) -> Answer | None:
         """An answer that needs no pod: bad path, unwatched namespace, no cluster."""
-        if not (_NAMESPACE.match(namespace) and _LABEL_VALUE.match(token)):
+        if not (_NAMESPACE.fullmatch(namespace) and _LABEL_VALUE.fullmatch(token)):
             return Answer(NOT_FOUND, f"{namespace!r}/{token!r} is not a namespace and drain token")
         if not self.settings.watches(namespace):
             return Answer(NOT_FOUND, f"namespace {namespace} is not watched by stunner-guard")
@@ -564,7 +422,7 @@ class Drainer:
             self._held -= 1
 
     def start(self) -> None:
-        """Start the pod watch and the drain loop (the first call does it)."""
+        """Start the pod watch and the drain loop (Service.start, else the first call)."""
         with self._lock:
             if self._started or self.kube is None:
                 return
@@ -581,17 +439,35 @@ class Drainer:
 
     def _terminating_pod(self, namespace: str, token: str) -> DrainPod | Answer:
         """The terminating pod with this token, or the answer saying why there is none.
-        kubelet calls 50-120 ms after the delete, possibly before the watch delivered the
-        deletionTimestamp: anything short of "terminating" is confirmed by a fresh read."""
-        confirm = self.drain_settings.confirmSeconds
-        pod = self.watcher.lookup(namespace, token, wait=confirm)
-        if pod and pod.terminating:
+
+        kubelet calls 50-120 ms after the delete. The pod watch (open and in sync) answers
+        almost every call: it has known the pod since its CREATE, and shows the
+        deletionTimestamp as soon as the apiserver sends it. A token it has not seen is no
+        pod the guard stamped: 404 without an API read. A known pod not (yet) terminating
+        waits up to drain.confirmSeconds for the watch to say so, and only then, or while
+        the watch is down, is a fresh API read made (shared and rate-limited:
+        FreshReads), so that drain calls cannot be made to hammer the apiserver."""
+        arrived = time.monotonic()
+        deadline = arrived + self.drain_settings.confirmSeconds
+        watcher = self.watcher
+        pod = watcher.lookup(namespace, token, wait=deadline - arrived)
+        if pod is None and watcher.in_sync:
+            wait = min(UNSEEN_TOKEN_WAIT_SECONDS, deadline - time.monotonic())
+            pod = watcher.wait_seen(namespace, token, wait=wait)
+            if pod is None and watcher.in_sync:
+                return Answer(
+                    NOT_FOUND,
+                    f"no pod in namespace {namespace} carries drain token {token} "
+                    "(the pod watch is in sync)",
+                )
+        if pod is not None and not pod.terminating and watcher.in_sync:
+            pod = watcher.wait_terminating(namespace, token, wait=deadline - time.monotonic())
+        if pod is not None and pod.terminating:
             return pod
-        selector = f"{names.DRAIN_TOKEN_LABEL}={token}"
         try:
-            items, _ = self.kube.list_pods(selector, namespace)
+            items = self._fresh.pods(namespace, token, arrived, deadline)
         except KubeUnavailable as err:
-            pod = self.watcher.wait_terminating(namespace, token, wait=confirm)
+            pod = watcher.wait_terminating(namespace, token, wait=deadline - time.monotonic())
             if pod:
                 return pod
             return Answer(
@@ -638,7 +514,7 @@ class Drainer:
             deadline_at = pod.deletion - d.marginSeconds
             waiter = Waiter(
                 pod=pod,
-                key=next(self._keys),
+                key=self._key_for(pod),
                 started=now,
                 started_at=wall,
                 deadline=now + (deadline_at - wall),
@@ -647,13 +523,85 @@ class Drainer:
             )
             self._waiters[pod.key] = waiter
             self.metrics.drains_in_progress.inc()
+            recent = self._census_read.get(waiter.key)
             if not pod.ip:
                 self._finish(waiter, UNOBSERVABLE, "the pod has no IP: allocations not observable")
             elif now >= waiter.deadline:
                 self._finish_at_deadline(waiter)
+            elif recent and recent[0] > now - d.pollIntervalSeconds and recent[1].allocations:
+                # The census read it within a poll interval: that read is this drain's
+                # first, and the next one waits its interval (one read per pod per
+                # interval, however the census and the drain meet).
+                ended, reading = recent
+                due = ended + d.pollIntervalSeconds
+                waiter.next_scrape = math.ceil(due / READ_SLOT_SECONDS) * READ_SLOT_SECONDS
+                self._take_reading(waiter, reading)
             else:
                 self._plan(waiter)
             return waiter
+
+    def _key_for(self, pod: DrainPod) -> int:
+        """The reader's key for this pod (a new one for a new pod of the same name, whose
+        predecessor's connection is forgotten). Lock held."""
+        entry = self._pod_keys.get(pod.key)
+        if entry is not None and entry.uid == pod.uid:
+            return entry.key
+        if entry is not None:
+            self._forget_key(pod.key)
+        entry = self._pod_keys[pod.key] = PodKey(pod.uid, next(self._keys))
+        return entry.key
+
+    def _forget_key(self, pod_key: tuple[str, str]) -> None:
+        """The reader closes the pod's connection. Lock held."""
+        entry = self._pod_keys.pop(pod_key, None)
+        if entry is None:
+            return
+        self._census_read.pop(entry.key, None)
+        if (batch := self._census_reading.pop(entry.key, None)) is not None:
+            batch.readings[entry.key] = Reading(problem="the pod left the census")
+            if len(batch.readings) == len(batch.pods):
+                self._lock.notify_all()
+        if entry.sent:
+            self._outbox.append([entry.key, None])
+            self._wake()
+
+    # ---------------------------------------------------------------- census reads
+
+    def read_for_census(
+        self, pods: list[DrainPod], timeout: float
+    ) -> dict[tuple[str, str], Reading]:
+        """One read of each pod's allocations, through the drain's reader process and its
+        kept connections, for the census (lifecycle/census.py); blocks up to ``timeout``.
+        A pod being drained is left out (it is terminating: the census skips it, and its
+        drain reads it once per poll interval already); a pod with no answer in time has
+        a failed Reading. Pods that were read before and are not in ``pods`` any more
+        (deleted, terminating) have their connections closed."""
+        batch = CensusReads()
+        wanted: set[tuple[str, str]] = set()
+        with self._lock:
+            if self._closed or not self._started:
+                return {}
+            for pod in pods:
+                if pod.key in self._waiters or not pod.ip:
+                    continue
+                wanted.add(pod.key)
+                key = self._key_for(pod)
+                batch.pods[key] = pod.key
+                self._census_reading[key] = batch  # a stuck earlier read is replaced
+                self._outbox.append([key, pod.ip])
+                self._pod_keys[pod.key].sent = True
+            for pod_key in list(self._pod_keys):
+                if pod_key not in wanted and pod_key not in self._waiters:
+                    self._forget_key(pod_key)
+            self._wake()
+        with self._lock:
+            self._lock.wait_for(lambda: len(batch.readings) == len(batch.pods), timeout)
+            for key in batch.pods:
+                if self._census_reading.get(key) is batch:
+                    del self._census_reading[key]
+            readings = dict(batch.readings)
+        missing = Reading(problem=f"the metrics reader did not answer within {timeout:g} s")
+        return {pod_key: readings.get(key, missing) for key, pod_key in batch.pods.items()}
 
     # ---------------------------------------------------------------- the drain loop
 
@@ -698,10 +646,13 @@ class Drainer:
                     self._reader_exited()
                     continue
                 with self._lock:
-                    for waiter_key, allocations, problem, fatal, ended in results:
-                        waiter = self._reading.pop(waiter_key, None)
+                    for key, allocations, problem, fatal, ended in results:
+                        reading = Reading(allocations, problem, fatal)
+                        waiter = self._reading.pop(key, None)
                         if waiter is not None:
-                            self._end_read(waiter, Reading(allocations, problem, fatal), ended)
+                            self._end_read(waiter, reading, ended)
+                        if (batch := self._census_reading.pop(key, None)) is not None:
+                            self._end_census_read(batch, key, reading, ended)
         if self._reader.running:
             selector.unregister(self._reader.process.stdout)
             self._reader.stop()
@@ -735,6 +686,9 @@ class Drainer:
             reading, self._reading = self._reading, {}
             for waiter in reading.values():
                 self._end_read(waiter, Reading(problem=problem))
+            census, self._census_reading = self._census_reading, {}
+            for key, batch in census.items():
+                self._end_census_read(batch, key, Reading(problem=problem), time.monotonic())
         self._wake()  # this loop pass's select() would sleep past their next reads
 
     def _step(self, waiter: Waiter, now: float) -> None:
@@ -754,8 +708,21 @@ class Drainer:
         waiter.reading_until = now + self.drain_settings.scrapeTimeoutSeconds + READER_SLACK_SECONDS
         waiter.asked = True
         self._reading[waiter.key] = waiter
-        self._outbox.append([waiter.key, waiter.pod.ip])
+        # A census read of the pod in flight answers this one too: one read, not two.
+        if waiter.key not in self._census_reading:
+            self._outbox.append([waiter.key, waiter.pod.ip])
+            if (entry := self._pod_keys.get(waiter.pod.key)) is not None:
+                entry.sent = True
         self._plan(waiter)
+
+    def _end_census_read(
+        self, batch: CensusReads, key: int, reading: Reading, ended: float | None
+    ) -> None:
+        """A census read is over. Lock held."""
+        self._census_read[key] = (ended or time.monotonic(), reading)
+        batch.readings[key] = reading
+        if len(batch.readings) == len(batch.pods):
+            self._lock.notify_all()
 
     def _end_read(self, waiter: Waiter, reading: Reading, ended: float | None = None) -> None:
         """A read is over (``ended``: when, by the reader's clock, if not now). Lock held."""
@@ -839,9 +806,9 @@ class Drainer:
             return
         self._reading.pop(waiter.key, None)
         waiter.reading_until = None
-        if waiter.asked:  # the reader closes the pod's connection
-            self._outbox.append([waiter.key, None])
-            self._wake()
+        entry = self._pod_keys.get(waiter.pod.key)
+        if entry is not None and entry.key == waiter.key:
+            self._forget_key(waiter.pod.key)  # the reader closes the pod's connection
         seconds = time.monotonic() - waiter.started
         waiter.answer = Answer(outcome, message, waiter.pod.ref, waiter.allocations, seconds)
         if self._waiters.get(waiter.pod.key) is waiter:

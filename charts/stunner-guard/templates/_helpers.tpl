@@ -93,9 +93,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{/*
-The policy file the guard loads (webhooks.settings.load_policy_document): exactly the keys
-`rules` and `drain`, each mirroring the Policy / DrainSettings dataclasses. The guard
-rejects unknown keys, and values.schema.json rejects them before that.
+The policy file the guard loads (webhooks.settings.load_document): exactly the keys
+`rules`, `drain` and `census`, each mirroring the Policy / DrainSettings / CensusSettings
+dataclasses (census.leaseName resolved to the Lease's name). The guard rejects unknown
+keys, and values.schema.json rejects them before that.
 */}}
 {{- define "stunner-guard.policyDocument" -}}
 {{- $rules := deepCopy .Values.policy.rules }}
@@ -105,7 +106,20 @@ rejects unknown keys, and values.schema.json rejects them before that.
 {{- $_ := set $rule "mode" $mode }}
 {{- end }}
 {{- end }}
-{{- dict "rules" $rules "drain" .Values.policy.drain | toYaml }}
+{{- $census := deepCopy .Values.census }}
+{{- $_ := set $census "leaseName" (include "stunner-guard.censusLeaseName" .) }}
+{{- dict "rules" $rules "drain" .Values.policy.drain "census" $census | toYaml }}
+{{- end }}
+
+{{/*
+The census Lease (leader election among the guard's replicas), in the release namespace.
+*/}}
+{{- define "stunner-guard.censusLeaseName" -}}
+{{- .Values.census.leaseName | default (include "stunner-guard.suffixedName" (list . "census")) }}
+{{- end }}
+
+{{- define "stunner-guard.serviceAccountUser" -}}
+{{- printf "system:serviceaccount:%s:%s" .Release.Namespace (include "stunner-guard.fullname" .) }}
 {{- end }}
 
 {{/*
