@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,8 @@ from kubernetes import client, config
 from kubernetes.config.config_exception import ConfigException
 from kubernetes.watch.watch import iter_resp_lines
 
+from webhooks import logs
+
 DATAPLANE_GROUP = "stunner.l7mp.io"
 DATAPLANE_VERSION = "v1"
 DATAPLANE_PLURAL = "dataplanes"
@@ -36,6 +39,8 @@ DATAPLANE_PLURAL = "dataplanes"
 # the apiserver ends the watch itself at timeoutSeconds, so the read timeout only fires
 # when the connection went silent (a dead peer or a half-open TCP connection).
 WATCH_READ_SLACK_SECONDS = 30.0
+
+log = logging.getLogger(__name__)
 
 
 class KubeUnavailable(Exception):
@@ -106,7 +111,9 @@ class Kube:
         try:
             return self.api.call_api(*request, _request_timeout=timeout or self.timeout).response
         except Exception as err:  # urllib3 connection/timeout errors, TLS errors
-            raise KubeUnavailable(f"API unreachable: {type(err).__name__}: {err}") from err
+            failure = KubeUnavailable(f"API unreachable: {type(err).__name__}: {err}")
+            _log_failure(method, path, failure)
+            raise failure from err
 
     @staticmethod
     def _json(response) -> dict:
@@ -116,7 +123,7 @@ class Kube:
             raise KubeUnavailable(f"API answered with a body that is not JSON: {err}") from err
 
     @staticmethod
-    def _failure(response) -> KubeUnavailable:
+    def _failure(response, method: str, path: str) -> KubeUnavailable:
         """The error for an answer outside 2xx, with the apiserver's Status message (read
         from the body, which is then drained)."""
         message = ""
@@ -125,7 +132,9 @@ class Kube:
             message = str(status.get("message") or "")[:300]
         kind = Conflict if response.status == 409 else KubeUnavailable
         text = f"API answered {response.status} {response.reason}"
-        return kind(f"{text}: {message}" if message else text)
+        failure = kind(f"{text}: {message}" if message else text)
+        _log_failure(method, path, failure)
+        return failure
 
     def _write(
         self, method: str, path: str, body: dict, content_type: str = "application/json"
@@ -134,7 +143,7 @@ class Kube:
         otherwise (422 included, with the apiserver's reason)."""
         response = self._send(method, path, body=body, content_type=content_type)
         if not 200 <= response.status <= 299:
-            raise self._failure(response)
+            raise self._failure(response, method, path)
         return self._json(response)
 
     def _get(self, path: str, query: list[tuple[str, Any]] | None = None) -> dict | None:
@@ -145,7 +154,7 @@ class Kube:
             return None
         if not 200 <= response.status <= 299:
             response.drain_conn()
-            raise self._failure(response)
+            raise self._failure(response, "GET", path)
         return self._json(response)
 
     # ----------------------------------------------------------------- reads
@@ -198,7 +207,7 @@ class Kube:
             raise WatchExpired(f"resourceVersion {resource_version} is too old")
         if not 200 <= response.status <= 299:
             response.drain_conn()
-            raise self._failure(response)
+            raise self._failure(response, "GET", self._pods_path(namespace) + " (watch)")
         return PodWatch(response)
 
     def patch_pod_annotation(
@@ -239,10 +248,33 @@ class Kube:
 
     def create_event(self, namespace: str, event: dict) -> None:
         """POST a core/v1 Event; KubeUnavailable when the API did not take it."""
-        response = self._send("POST", f"/api/v1/namespaces/{namespace}/events", body=event)
-        response.drain_conn()
+        path = f"/api/v1/namespaces/{namespace}/events"
+        response = self._send("POST", path, body=event)
         if not 200 <= response.status <= 299:
-            raise self._failure(response)
+            raise self._failure(response, "POST", path)
+        response.drain_conn()
+
+
+# API failures are logged as they happen, at most this many a second (an outage fails
+# every admission read and every drain lookup at once); the count left out goes with the next.
+_failures_logged = logs.Throttle(per_second=10)
+
+
+def _log_failure(method: str, path: str, failure: KubeUnavailable) -> None:
+    """One line per API failure: what was asked and what went wrong. A 409 is the
+    optimistic-concurrency answer the callers expect (a Lease or pod changed meanwhile)."""
+    left_out = _failures_logged.take()
+    if left_out is None:
+        return
+    level = logging.INFO if isinstance(failure, Conflict) else logging.WARNING
+    log.log(
+        level,
+        "Kubernetes API %s %s: %s",
+        method,
+        path,
+        failure,
+        extra={"api_path": path, "left_out": left_out},
+    )
 
 
 class PodWatch:

@@ -62,14 +62,20 @@ class JSONFormatter(logging.Formatter):
             "time": _time(record),
             "level": record.levelname,
             "logger": record.name,
-            "message": _cut(_message(record)),
+            "message": _message(record),
         }
         for key, value in _extra(record).items():
             line.setdefault(key, value if isinstance(value, int | float | bool) else str(value))
         text = orjson.dumps(line, default=str).decode()
-        if len(text) > MAX_LINE_CHARS:  # extras too long: keep what says what happened
-            text = orjson.dumps({k: line[k] for k in ("time", "level", "logger", "message")})
-            text = text.decode()
+        # Too long: the fields go first, then the message is cut (escapes can double it).
+        if len(text) > MAX_LINE_CHARS:
+            line = {k: line[k] for k in ("time", "level", "logger", "message")}
+            text = orjson.dumps(line).decode()
+        keep = MAX_LINE_CHARS
+        while len(text) > MAX_LINE_CHARS:
+            keep //= 2
+            line["message"] = line["message"][:keep] + "..."
+            text = orjson.dumps(line).decode()
         return text
 
 

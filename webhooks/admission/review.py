@@ -229,6 +229,16 @@ def _require(mapping: dict, key: str, kind: type, where: str) -> Any:
     return value
 
 
+# A value of the body echoed in a reason is cut: the reason is answered and logged, and
+# neither may carry a body.
+ECHOED_CHARS = 60
+
+
+def _echo(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= ECHOED_CHARS else text[: ECHOED_CHARS - 3] + "..."
+
+
 def parse(body: bytes, limit: int) -> Request:
     """Decode an HTTP body into a Request, or raise BadReview naming what is wrong."""
     if len(body) > limit:
@@ -244,11 +254,11 @@ def parse(body: bytes, limit: int) -> Request:
         raise BadReview("body is not a JSON object")
     if review.get("apiVersion") != API_VERSION:
         raise BadReview(
-            f"apiVersion {review.get('apiVersion')!r} is not supported; send {API_VERSION} "
+            f"apiVersion {_echo(review.get('apiVersion'))} is not supported; send {API_VERSION} "
             "(set admissionReviewVersions: [v1] on the webhook configuration)"
         )
     if review.get("kind") != KIND:
-        raise BadReview(f"kind {review.get('kind')!r} is not {KIND}")
+        raise BadReview(f"kind {_echo(review.get('kind'))} is not {KIND}")
     request = review.get("request")
     if not isinstance(request, dict):
         raise BadReview("request is missing or not an object")

@@ -52,7 +52,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from webhooks import names
+from webhooks import logs, names
 from webhooks.kube import Kube, KubeUnavailable
 from webhooks.lifecycle.events import EventRecorder
 from webhooks.lifecycle.podwatch import DrainPod, PodWatcher, rfc3339
@@ -71,6 +71,9 @@ NOT_TERMINATING = "not_terminating"
 API_UNAVAILABLE = "api_unavailable"
 OVER_CAPACITY = "over_capacity"
 STOPPED = "stopped"
+
+# Outcomes of a call that held a terminating pod's hook (the others answer at once).
+HELD_OUTCOMES = frozenset({DRAINED, DEADLINE, UNOBSERVABLE, POD_DELETED, STOPPED})
 
 STATUS = {
     DRAINED: 200,
@@ -287,6 +290,44 @@ class Waiter:
     done: threading.Event = field(default_factory=threading.Event)
 
 
+# Calls answered at once (no such pod, not terminating, no API, over capacity) are logged
+# at most this many a second: anyone who reaches the endpoint can make them. A drain that
+# was held is always logged.
+_quick_answers_logged = logs.Throttle(per_second=10)
+
+
+def _log_answer(namespace: str, token: str, answer: Answer) -> None:
+    """One line per drain: pod, outcome, allocations left, seconds held."""
+    fields = {
+        "pod": answer.pod or f"{namespace}/{token}",
+        "outcome": answer.outcome,
+        "allocations": answer.allocations,
+        "seconds": round(answer.seconds, 3),
+    }
+    if answer.outcome in HELD_OUTCOMES:
+        level = logging.WARNING if answer.outcome in (DEADLINE, STOPPED) else logging.INFO
+        log.log(
+            level,
+            "drain of %s: %s: %s",
+            fields["pod"],
+            answer.outcome,
+            answer.message,
+            extra=fields,
+        )
+        return
+    left_out = _quick_answers_logged.take()
+    if left_out is not None:
+        level = logging.WARNING if answer.outcome == OVER_CAPACITY else logging.INFO
+        log.log(
+            level,
+            "drain call for %s: %s: %s",
+            fields["pod"],
+            answer.outcome,
+            answer.message,
+            extra={**fields, "left_out": left_out},
+        )
+
+
 class Drainer:
     """Answers drain calls; owns the pod watch, the drain loop (one thread: every waiter's
     schedule, the census's reads, and the metrics reader process it hands the reads to)
@@ -360,10 +401,9 @@ class Drainer:
                     f"{limit} drains already held (drain.maxConcurrent); not holding this "
                     "pod: stunnerd drains on SIGTERM by itself",
                 )
-                log.warning("drain %s/%s refused: %s", namespace, token, answer.message)
         answer = replace(answer, seconds=time.monotonic() - begun)
         self.metrics.drain_outcomes.labels(answer.outcome).inc()
-        log.info("drain %s/%s: %s", namespace, token, answer.message)
+        _log_answer(namespace, token, answer)
         return answer
 
     def in_progress(self) -> list[dict[str, Any]]:
