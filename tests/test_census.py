@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import random
 import re
+import signal
 import socket
 import threading
 import time
@@ -705,7 +706,7 @@ def test_the_census_runs_from_worker_start_in_the_real_server(api, dev_certs, tm
             "STUNNER_GUARD_NAMESPACE": "guard",
             "KUBECONFIG": str(api.write_kubeconfig(tmp_path / "kubeconfig")),
         }
-        with gunicorn(dev_certs, env, home=tmp_path):
+        with gunicorn(dev_certs, env, home=tmp_path) as (base, process):
             assert api.wait_until(
                 lambda: (
                     (api.get("Pod", NS, "p")["metadata"].get("annotations") or {}).get(COST) == "3"
@@ -716,3 +717,10 @@ def test_the_census_runs_from_worker_start_in_the_real_server(api, dev_certs, tm
             # The holder: the pod name (the hostname in a pod) and a per-process suffix.
             holder = api.get("Lease", "guard", "census")["spec"]["holderIdentity"]
             assert holder.startswith(socket.gethostname() + "_")
+            # SIGTERM (the guard's own rollout): the Lease is released at once, so another
+            # replica leads without waiting out the lease duration.
+            process.send_signal(signal.SIGTERM)
+            assert api.wait_until(
+                lambda: not api.get("Lease", "guard", "census")["spec"].get("holderIdentity"),
+                timeout=LEASE_SECONDS,
+            )
