@@ -56,6 +56,8 @@ from functools import partial
 from gunicorn import http, util
 from gunicorn.workers import gthread
 
+from webhooks import logs
+
 log = logging.getLogger(__name__)
 
 # Lingering closes at once; more wait their turn (each ends within 2 s).
@@ -84,6 +86,9 @@ _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*([^\r\n]*)", re.IGNOREC
 _TRANSFER_ENCODING = re.compile(rb"\r\ntransfer-encoding:", re.IGNORECASE)
 _EXPECT_CONTINUE = re.compile(rb"\r\nexpect:[ \t]*100-continue[ \t]*\r\n", re.IGNORECASE)
 _HTTP_11 = re.compile(rb"^[^\r\n]* HTTP/1\.1\r\n")
+
+
+_loop_errors_logged = logs.Throttle(per_second=1)
 
 
 # --------------------------------------------------------------------------- framing
@@ -273,7 +278,11 @@ class ThreadWorker(gthread.ThreadWorker):
         try:
             sock, addr = listener.accept()
         except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                # Out of file descriptors (a limit below worker_connections): make room
+                # rather than crash the worker and every held drain with it.
+                self._evict_one()
+            elif e.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
                 raise
             return
         if self.nr_conns >= self.worker_connections and not self._evict_one():
@@ -360,6 +369,10 @@ class ThreadWorker(gthread.ThreadWorker):
         except OSError:  # reset, TLS failure, a peer that closed: nothing to answer
             self._abandon(conn)
             return
+        except Exception as err:  # a surprise on one connection must not stop the worker
+            log.error("connection from %s dropped: %s: %s", conn.client, type(err).__name__, err)
+            self._abandon(conn)
+            return
         if self.buffered > MAX_BUFFERED_BYTES:
             self._shed_buffers()
 
@@ -409,6 +422,20 @@ class ThreadWorker(gthread.ThreadWorker):
             conn = self.phase.popleft()
             if conn.in_phase:
                 self._abandon(conn)
+
+    def wait_for_and_dispatch_events(self, timeout: float) -> None:
+        """gthread's, with each callback on its own: an exception in one (one connection's
+        surprise) is logged, and the loop, the heartbeat and every held drain go on."""
+        try:
+            events = self.poller.select(timeout)
+        except InterruptedError:
+            return
+        for key, _ in events:
+            try:
+                key.data(key.fileobj)
+            except Exception as err:
+                if _loop_errors_logged.take() is not None:
+                    log.error("worker main loop: %s: %s", type(err).__name__, err)
 
     # ---------------------------------------------------------------- threads
 
