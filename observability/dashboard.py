@@ -39,6 +39,8 @@ DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
 GUARD_WEBHOOKS = 'name=~".+\\\\.stunner-guard\\\\.l7mp\\\\.io"'
 # Drains are rare and long: their histograms are read over an hour, not a scrape or two.
 DRAIN_WINDOW = "1h"
+# A census round runs every census.intervalSeconds (30 s): ten minutes hold about twenty.
+CENSUS_WINDOW = "10m"
 
 
 def query(expr: str, legend: str = "", instant: bool = False) -> prometheus.Dataquery:
@@ -105,7 +107,7 @@ def build() -> dashboard.Dashboard:
         .uid("stunner-guard")
         .description(
             "STUNner's admission and drain webhooks: reviews, latency, denials, drains, "
-            "certificates. Metric names: webhooks/metrics.py."
+            "certificates, the census (pod-deletion-cost). Metric names: webhooks/metrics.py."
         )
         .tags(["stunner", "stunner-guard", "admission-webhook"])
         .editable()
@@ -371,6 +373,126 @@ def build() -> dashboard.Dashboard:
             query(
                 "sum by (result) (rate(stunner_guard_drain_scrapes_total[$__rate_interval]))",
                 "{{result}}",
+            ),
+        )
+    )
+
+    d = d.with_row(dashboard.Row("Census"))
+    d = d.with_panel(
+        number(
+            "Census mode",
+            "Replicas per census.mode: enforce writes pod-deletion-cost (one replica, the "
+            "Lease holder); warn computes and shows the costs on every replica and writes "
+            "nothing; off runs no census. Two modes at once: a rollout in progress.",
+            query("count by (mode) (stunner_guard_census_mode == 1)", "{{mode}}", instant=True),
+        ).height(8)
+    )
+    d = d.with_panel(
+        number(
+            "Census leaders",
+            "Replicas holding the census Lease. Enforce mode: exactly 1. 0 in enforce mode: "
+            "nobody writes the costs (alert StunnerGuardCensusNoLeader); 2 or more: each "
+            "writes (StunnerGuardCensusSplitBrain). 0 is right in warn and off mode.",
+            query("sum(stunner_guard_census_leader)", instant=True),
+        )
+        .height(8)
+        .thresholds(steps((None, "red"), (1, "green"), (2, "red")))
+    )
+    d = d.with_panel(
+        number(
+            "Pods in the census",
+            "Running, non-terminating stunnerd pods in the last census round: the leader's "
+            "in enforce mode (followers read nothing and show 0), every replica's in warn "
+            "mode; the most any replica shows.",
+            query("max(stunner_guard_census_pods)", instant=True),
+        ).height(8)
+    )
+    d = d.with_panel(
+        bargauge.Panel()
+        .title("Pods by cost level")
+        .description(
+            "Pods by the pod-deletion-cost the census wants for them, from the last round: 0 "
+            "empty, 1 one allocation, 2 for 2-3, 3 for 4-7, n for 2^(n-1) to 2^n - 1. A "
+            "scale-down removes the lowest cost first. Pods whose allocations could not be "
+            "read are not counted."
+        )
+        .datasource(DATASOURCE)
+        .unit("short")
+        .span(12)
+        .height(8)
+        .orientation(common.VizOrientation.VERTICAL)
+        .reduce_options(common_builders.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
+        .with_target(
+            # A range query comes back ordered by its labels; the level padded to two
+            # digits orders it 00, 01, ... 31 rather than 0, 1, 10, 11, ... 2.
+            query(
+                'label_replace(max by (cost) (stunner_guard_census_pods_by_cost), "cost", '
+                '"0$1", "cost", "([0-9])")',
+                "{{cost}}",
+            ).ref_id("A")
+        )
+    )
+    d = d.with_panel(
+        graph(
+            "Census leader by replica",
+            "1 on the replica holding the census Lease. A handover (rollout, SIGTERM) shows "
+            "as one line falling and another rising within census.retryPeriodSeconds; a "
+            "leader cut off from the API stops at census.renewDeadlineSeconds and another "
+            "takes over after census.leaseDurationSeconds.",
+            "short",
+            query("max by (instance, pod) (stunner_guard_census_leader)", "{{instance}} {{pod}}"),
+        ).line_interpolation(common.LineInterpolation.STEP_AFTER)
+    )
+    d = d.with_panel(
+        graph(
+            "Census round duration",
+            f"Median and p99 of a round (reading every pod, then writing), over "
+            f"{CENSUS_WINDOW}. A round longer than census.intervalSeconds delays the next: "
+            "look at slow reads (drain.scrapeTimeoutSeconds) and slow API writes.",
+            "s",
+            *(
+                query(
+                    f"histogram_quantile({q}, sum by (le) "
+                    f"(rate(stunner_guard_census_round_duration_seconds_bucket[{CENSUS_WINDOW}])))",
+                    f"p{round(q * 100)}",
+                )
+                for q in (0.5, 0.99)
+            ),
+        )
+    )
+    d = d.with_panel(
+        graph(
+            "Census reads by result (per minute)",
+            "Reads of stunner_allocations_active by the census. failed: no good answer in "
+            "time; unobservable: the metrics endpoint is off or refuses (Dataplane "
+            "spec.enableMetricsEndpoint). Either way the pod keeps the cost it has. Alert: "
+            "StunnerGuardCensusReadsFailing.",
+            "short",
+            query(
+                "60 * sum by (result) (rate(stunner_guard_census_reads_total[$__rate_interval]))",
+                "{{result}}",
+            ),
+        )
+    )
+    d = d.with_panel(
+        graph(
+            "Cost writes and writes held back (per minute)",
+            "pod-deletion-cost writes by result: ok; conflict, the pod changed since the "
+            "watch saw it (tried again next round); failed, the API refused or did not "
+            "answer (alert StunnerGuardCensusWritesFailing). Writes held back by reason: "
+            "budget (census.maxWritesPerSecond after census.writeBurst: a steady line means "
+            "costs lag, most urgent first), min_interval (the pod was written less than "
+            "census.minPatchSeconds ago, or a new leader waits), warn (warn mode writes "
+            "nothing).",
+            "short",
+            query(
+                "60 * sum by (result) (rate(stunner_guard_census_writes_total[$__rate_interval]))",
+                "written {{result}}",
+            ),
+            query(
+                "60 * sum by (reason) "
+                "(rate(stunner_guard_census_writes_skipped_total[$__rate_interval]))",
+                "held back: {{reason}}",
             ),
         )
     )

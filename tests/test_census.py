@@ -604,8 +604,20 @@ def test_a_new_leader_takes_over_the_writes_when_the_leader_stops(fleet):
     time.sleep(3 * RETRY_SECONDS)
     assert a.census.leading() and not b.census.leading()
     assert b.census.snapshot()["pods"] == []  # a follower reads nothing
+    a_gauge = lambda name, **labels: value(a.metrics.registry, name, **labels)  # noqa: E731
+    assert fleet.api.wait_until(
+        lambda: a_gauge("stunner_guard_census_pods_by_cost", cost="1") == 1, timeout=3
+    )
+    assert a_gauge("stunner_guard_census_pods") == a_gauge("stunner_guard_census_leader") == 1
     stopped = time.monotonic()
     a.stop_census()  # SIGTERM: stop writing, release the Lease
+    # A replica that no longer leads shows no pods: the dashboard takes the fleet's
+    # maximum per cost, and a former leader's last round would linger in it.
+    assert a_gauge("stunner_guard_census_leader") == a_gauge("stunner_guard_census_pods") == 0
+    assert all(
+        a_gauge("stunner_guard_census_pods_by_cost", cost=str(cost)) == 0
+        for cost in range(MAX_LEVEL + 1)
+    )
     a_writes = value(a.metrics.registry, "stunner_guard_census_writes_total", result="ok")
     assert fleet.api.wait_until(b.census.leading, timeout=LEASE_SECONDS)
     target.allocations = 0
@@ -614,6 +626,22 @@ def test_a_new_leader_takes_over_the_writes_when_the_leader_stops(fleet):
     assert value(a.metrics.registry, "stunner_guard_census_writes_total", result="ok") == a_writes
     assert min(fleet.patched("p")[1:]) > stopped
     assert fleet.api.get("Lease", "guard", "census")["spec"]["holderIdentity"] == "guard-b"
+
+
+def test_a_round_that_ends_without_the_lease_shows_nothing(fleet):
+    # Leadership can lapse mid-round (the API cut off): what the round read must not put
+    # back the pods that losing the Lease cleared.
+    fleet.pod("p", allocations=3)
+    service = fleet.service()  # enforce mode; its election is never started
+    service.drainer.start()
+    assert fleet.api.wait_until(lambda: service.drainer.watcher.in_sync, timeout=5)
+    summary = service.census.run_round()
+    assert (summary["pods"], summary["read"], summary["written"]) == (1, 1, 0)
+    registry = service.metrics.registry
+    assert value(registry, "stunner_guard_census_pods") == 0
+    assert value(registry, "stunner_guard_census_pods_by_cost", cost="2") == 0
+    assert service.census.snapshot()["round"] is None
+    assert fleet.api.patches == []
 
 
 def test_the_census_and_a_drain_never_read_one_pod_twice_in_a_poll_interval(fleet):
@@ -660,6 +688,21 @@ def test_get_census_shows_every_pod_over_http(fleet):
     }
     assert pod["lastRead"] and pod["lastWrite"] and fleet.cost("p") == "2"
     assert b"stunner_guard_census_round_duration_seconds_count" in client.get("/metrics").data
+
+
+@pytest.mark.parametrize("mode", ["enforce", "warn", "off"])
+def test_each_replica_exports_its_census_mode(mode):
+    # StunnerGuardCensusNoLeader asks for a leader only where some replica is in enforce
+    # mode; the mode is exported with or without an API (no API: nobody leads).
+    service = Service(Settings(census=replace(QUICK, mode=mode)), kube=None)
+    try:
+        exported = {
+            m: value(service.metrics.registry, "stunner_guard_census_mode", mode=m)
+            for m in ("enforce", "warn", "off")
+        }
+        assert exported == {m: (1.0 if m == mode else 0.0) for m in exported}
+    finally:
+        service.close()
 
 
 def test_without_a_cluster_or_with_the_census_off_nothing_runs(fleet):

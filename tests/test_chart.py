@@ -154,6 +154,8 @@ MODES: dict[str, dict] = {
                 "drainCapacityRatio": 0.95,
                 "certificateWarningDays": 40,
                 "certificateCriticalDays": 10,
+                "censusWriteFailureRatio": 0.25,
+                "censusReadFailureRatio": 0.75,
             },
         },
         "grafanaDashboard": {"enabled": True, "labels": {"grafana_dashboard": "stunner"}},
@@ -1540,6 +1542,8 @@ def test_threshold_values_and_the_chart_name_reach_the_rules_and_nothing_else_ch
         "drainCapacityRatio": "0.95",
         "certificateWarningDays": "40",
         "certificateCriticalDays": "10",
+        "censusWriteFailureRatio": "0.25",
+        "censusReadFailureRatio": "0.75",
     }
     rendered = render(
         {
@@ -1570,6 +1574,8 @@ def test_threshold_values_and_the_chart_name_reach_the_rules_and_nothing_else_ch
         "StunnerGuardDrainCapacityNearlyFull",
         "StunnerGuardCertificateExpiringSoon",
         "StunnerGuardCertificateExpiring",
+        "StunnerGuardCensusWritesFailing",
+        "StunnerGuardCensusReadsFailing",
     }
     # up{job=...} names the job the ServiceMonitor gives the guard: the Service's label.
     monitor = rendered.one("ServiceMonitor")["spec"]
@@ -1730,6 +1736,10 @@ BAD_VALUES = {
     "capacity ratio above 1": (
         {"prometheusRule": {"thresholds": {"drainCapacityRatio": 1.5}}},
         "at '/prometheusRule/thresholds/drainCapacityRatio': maximum: got 1.5, want 1",
+    ),
+    "failure ratio of 1 (never fires)": (
+        {"prometheusRule": {"thresholds": {"censusReadFailureRatio": 1}}},
+        "at '/prometheusRule/thresholds/censusReadFailureRatio': exclusiveMaximum: got 1, want 1",
     ),
     "unknown threshold": (
         {"prometheusRule": {"thresholds": {"p95Seconds": 1}}},

@@ -112,6 +112,9 @@ def alerts() -> dict[str, dict]:
 
 # Grafana's own variables are not PromQL: give them a duration for parsing.
 GRAFANA_VARIABLES = re.compile(r"\$__(rate_interval|interval|range)\b")
+# label_replace's references to its regex's groups ("$1"): PromQL, and no Grafana variable
+# (Grafana leaves a $name it does not know as it is).
+GROUP_REFERENCE = re.compile(r"\$[0-9]+\b")
 
 
 def dashboard_queries() -> list[str]:
@@ -131,7 +134,9 @@ def dashboard_queries() -> list[str]:
 
 def as_promql(expr: str) -> str:
     promql = GRAFANA_VARIABLES.sub("5m", expr)
-    assert "$" not in promql, f"a dashboard variable PromQL cannot parse: {expr}"
+    assert "$" not in GROUP_REFERENCE.sub("", promql), (
+        f"a dashboard variable PromQL cannot parse: {expr}"
+    )
     return promql
 
 
@@ -578,7 +583,11 @@ def test_metric_names_are_read_from_the_parsed_query_not_its_text():
 def test_a_grafana_variable_left_in_a_query_is_reported():
     with pytest.raises(AssertionError, match="variable"):
         as_promql("rate(x[$interval])")
+    with pytest.raises(AssertionError, match="variable"):
+        as_promql('label_replace(x{a="$a1"}, "b", "$1", "a", "(.*)")')
     assert as_promql("increase(x[$__range])") == "increase(x[5m])"
+    padded = 'label_replace(x, "cost", "0$1", "cost", "([0-9])")'
+    assert as_promql(padded) == padded
 
 
 def test_the_dashboard_uses_its_datasource_variable_everywhere():
@@ -618,6 +627,8 @@ def test_the_charts_rules_fire_at_the_thresholds_and_job_its_values_set(promtool
                     "drainCapacityRatio": 0.95,
                     "certificateWarningDays": 45,
                     "certificateCriticalDays": 25,
+                    "censusWriteFailureRatio": 0.7,
+                    "censusReadFailureRatio": 0.25,
                 },
             },
         }
@@ -655,6 +666,24 @@ def test_the_charts_rules_fire_at_the_thresholds_and_job_its_values_set(promtool
                         "series": f'stunner_guard_certificate_expiry_timestamp_seconds{{{guard}, certificate="serving"}}',
                         "values": "3456000x40",
                     },
+                    # 60% of census writes fail: above the default 0.5, below 0.7
+                    {
+                        "series": f'stunner_guard_census_writes_total{{{guard}, result="ok"}}',
+                        "values": "0+4x40",
+                    },
+                    {
+                        "series": f'stunner_guard_census_writes_total{{{guard}, result="failed"}}',
+                        "values": "0+6x40",
+                    },
+                    # 40% of census reads fail: quiet at the default 0.5, firing at 0.25
+                    {
+                        "series": f'stunner_guard_census_reads_total{{{guard}, result="ok"}}',
+                        "values": "0+12x40",
+                    },
+                    {
+                        "series": f'stunner_guard_census_reads_total{{{guard}, result="failed"}}',
+                        "values": "0+8x40",
+                    },
                     # the chart's job is "guard"; "stunner-guard" is some other scrape
                     {"series": f"up{{{guard}}}", "values": "0x40"},
                     {
@@ -666,6 +695,23 @@ def test_the_charts_rules_fire_at_the_thresholds_and_job_its_values_set(promtool
                     {"eval_time": "30m", "alertname": "StunnerGuardAdmissionSlow"},
                     {"eval_time": "30m", "alertname": "StunnerGuardDrainCapacityNearlyFull"},
                     {"eval_time": "30m", "alertname": "StunnerGuardCertificateExpiring"},
+                    {"eval_time": "30m", "alertname": "StunnerGuardCensusWritesFailing"},
+                    {
+                        "eval_time": "30m",
+                        "alertname": "StunnerGuardCensusReadsFailing",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "warning", "job": "guard"},
+                                "exp_annotations": alerts()["StunnerGuardCensusReadsFailing"][
+                                    "annotations"
+                                ]
+                                | {
+                                    "summary": "The census cannot read the allocations of "
+                                    "40% of the stunnerd pods."
+                                },
+                            }
+                        ],
+                    },
                     {
                         "eval_time": "30m",
                         "alertname": "StunnerGuardCertificateExpiringSoon",
@@ -719,6 +765,8 @@ def test_the_charts_rules_fire_at_the_thresholds_and_job_its_values_set(promtool
         "StunnerGuardAdmissionSlow",
         "StunnerGuardDrainCapacityNearlyFull",
         "StunnerGuardCertificateExpiringSoon",  # at 30 days, 40 left is quiet
+        "StunnerGuardCensusWritesFailing",
+        "StunnerGuardCensusReadsFailing",  # 40% failing is below the default half
         "StunnerGuardReplicaDown",  # job stunner-guard is down too
     ):
         assert f"alertname: {alert}," in result.stdout, result.stdout

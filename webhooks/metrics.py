@@ -154,6 +154,13 @@ class Metrics:
             "Running stunnerd pods in the last census round of this replica.",
             registry=r,
         )
+        self.census_mode = Gauge(
+            "stunner_guard_census_mode",
+            "1 for this replica's census.mode (enforce, warn, off), 0 for the other two: "
+            "the alert that wants one census leader asks only of fleets in enforce mode.",
+            ["mode"],
+            registry=r,
+        )
         self.census_leader = Gauge(
             "stunner_guard_census_leader",
             "1 when this replica holds the census Lease (the one that writes).",

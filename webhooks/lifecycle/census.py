@@ -60,7 +60,7 @@ from webhooks.lifecycle.drain import READER_SLACK_SECONDS, Drainer
 from webhooks.lifecycle.leader import LeaseElector
 from webhooks.lifecycle.podwatch import DrainPod, rfc3339
 from webhooks.metrics import Metrics
-from webhooks.settings import Settings
+from webhooks.settings import MODES, Settings
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +216,8 @@ class Census:
         self._writes = {r: m.census_writes.labels(r) for r in WRITE_RESULTS}
         self._skipped = {r: m.census_writes_skipped.labels(r) for r in SKIP_REASONS}
         self._by_cost = {c: m.census_pods_by_cost.labels(c) for c in COST_LEVELS}
+        for mode in MODES:
+            m.census_mode.labels(mode).set(1 if mode == self.census.mode else 0)
 
     @property
     def active(self) -> bool:
@@ -284,12 +286,19 @@ class Census:
         with self._lock:
             self._leading_since = time.monotonic() if leading else None
             if not leading:
-                # A follower reads nothing: what it showed as leader is stale now.
+                # A follower reads nothing: what it showed as leader is stale now, on
+                # /census and on /metrics (the dashboard takes the fleet's maximum).
                 self._pods.clear()
                 self._round = {}
-        if not leading:
-            self.metrics.census_pods.set(0)
+                self._publish(0, dict.fromkeys(COST_LEVELS, 0))
         self._wake.set()
+
+    def _publish(self, pods: int, by_cost: dict[str, int]) -> None:
+        """The pod gauges of a round (lock held, so that a round ending after this
+        replica lost the Lease cannot put back what ``_leadership`` cleared)."""
+        self.metrics.census_pods.set(pods)
+        for cost, n in by_cost.items():
+            self._by_cost[cost].set(n)
 
     def _run(self) -> None:
         interval = self.census.intervalSeconds
@@ -350,8 +359,6 @@ class Census:
         for state in current.values():
             if state.wanted is not None:
                 by_cost[str(state.wanted)] += 1
-        for cost, n in by_cost.items():
-            self._by_cost[cost].set(n)
         seconds = time.monotonic() - started
         summary = {
             "at": rfc3339(now),
@@ -364,8 +371,10 @@ class Census:
             "written": writes,
         }
         with self._lock:
-            self._round = summary
-        self.metrics.census_pods.set(len(pods))
+            # Leadership lost mid-round: _leadership has cleared what this round would show.
+            if self.elector is None or self.elector.is_leader():
+                self._round = summary
+                self._publish(len(pods), by_cost)
         self.metrics.census_round_duration.observe(seconds)
         return summary
 
