@@ -283,6 +283,25 @@ def test_an_api_unreachable_at_start_only_delays_the_election(api, replicas):
     assert api.wait_until(a.elector.is_leader, timeout=2)
 
 
+def test_a_lease_that_cannot_be_read_sensibly_does_not_end_the_election(api, replicas):
+    """Something else wrote nonsense into the Lease (a wrong type where a time belongs):
+    the elector keeps trying, and leads once the Lease is sane again."""
+    api.put(
+        {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": "census", "namespace": "guard"},
+            "spec": {"holderIdentity": "someone", "leaseDurationSeconds": "soon"},
+        }
+    )
+    a = replicas("guard-a")
+    a.elector.start()
+    time.sleep(3 * RETRY_SECONDS)
+    assert not a.elector.is_leader() and a.elector._thread.is_alive()
+    api.delete("Lease", "guard", "census")
+    assert api.wait_until(a.elector.is_leader, timeout=2)
+
+
 def test_leader_election_refuses_timings_that_could_let_two_lead():
     with pytest.raises(ValueError, match="leaseDurationSeconds > renewDeadlineSeconds"):
         LeaseElector(None, "guard", "census", "a", 10, 10, 2)

@@ -123,6 +123,10 @@ class LeaseElector:
                 self._try_acquire_or_renew()
             except KubeUnavailable as err:
                 log.info("census lease %s/%s: %s", self.namespace, self.name, err)
+            except Exception as err:  # a Lease not as expected: a failed try, not the end
+                log.warning(
+                    "census lease %s/%s: %s: %s", self.namespace, self.name, type(err).__name__, err
+                )
             leading = self.is_leader()
             self._tell(leading)
             # The leader renews every retry period; followers retry with jitter.
