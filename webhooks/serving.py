@@ -52,11 +52,16 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 from gunicorn import http, util
 from gunicorn.workers import gthread
 
 from webhooks import logs
+from webhooks.settings import from_env
+
+if TYPE_CHECKING:
+    from webhooks.service import Service
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +257,7 @@ class ThreadWorker(gthread.ThreadWorker):
         self.stopping_since: float | None = None
         self.hard_stopped = False
         self.tls: TLSContext | None = None
+        self.service: Service | None = None
         self.request_timeout = 10.0
         self.max_body = 0
 
@@ -265,12 +271,12 @@ class ThreadWorker(gthread.ThreadWorker):
 
     def load_wsgi(self) -> None:
         super().load_wsgi()
-        settings = self._service().settings
+        # The app's Service (app.create_app); None for another WSGI app served by this
+        # worker (the benchmark's allow-all baseline).
+        self.service = getattr(self.wsgi, "extensions", {}).get("stunner_guard")
+        settings = self.service.settings if self.service is not None else from_env()
         self.request_timeout = settings.requestTimeoutSeconds
         self.max_body = settings.maxBodyBytes
-
-    def _service(self):
-        return self.wsgi.extensions["stunner_guard"]
 
     # ---------------------------------------------------------------- accepting
 
@@ -513,7 +519,8 @@ class ThreadWorker(gthread.ThreadWorker):
                 self.stopping_since = time.monotonic()
             if not told:
                 told = True
-                self._service().begin_shutdown()
+                if self.service is not None:
+                    self.service.begin_shutdown()
                 log.info("stopping: serving what arrives, %d drains held", self._drains())
             if self._stopped():
                 break
@@ -523,7 +530,7 @@ class ThreadWorker(gthread.ThreadWorker):
         return 1.0 if self.alive else 0.2
 
     def _drains(self) -> int:
-        return len(self._service().drainer.in_progress())
+        return len(self.service.drainer.in_progress()) if self.service is not None else 0
 
     def _stopped(self) -> bool:
         """One pass of the stop, on the main loop; True when the worker may exit."""
@@ -533,7 +540,8 @@ class ThreadWorker(gthread.ThreadWorker):
         if not self.hard_stopped and elapsed >= hard_at:
             self.hard_stopped = True
             log.warning("graceful timeout near: answering %d held drains", self._drains())
-            self._service().stop_drains()
+            if self.service is not None:
+                self.service.stop_drains()
         if self.hard_stopped and elapsed >= self.cfg.graceful_timeout - 1.0:
             return True
         # Idle kept-alive connections go, oldest first, once idle for a while.
@@ -550,7 +558,8 @@ class ThreadWorker(gthread.ThreadWorker):
 
     def _close_all(self) -> None:
         with contextlib.suppress(Exception):
-            self._service().close()
+            if self.service is not None:
+                self.service.close()
         for conn in list(self.phase) + list(self.keepalived_conns):
             with contextlib.suppress(OSError):
                 conn.close()
