@@ -31,7 +31,6 @@ Durations can be shortened for a smoke run with CENSUS_BENCH_SHORT=1.
 from __future__ import annotations
 
 import math
-import multiprocessing
 import os
 import random
 import statistics
@@ -44,7 +43,17 @@ from dataclasses import dataclass
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.common import OUT, REPO, children, cpu_seconds, gunicorn, hey, write_json
+from bench.common import (
+    OUT,
+    REPO,
+    child,
+    children,
+    cpu_seconds,
+    gunicorn,
+    hey,
+    rows_table,
+    write_json,
+)
 from tests.fake_stunnerd import FakeStunnerdFleet
 from tests.standin_apiserver import StandinAPIServer, stunnerd_pod
 from webhooks.lifecycle.census import level, wanted_cost
@@ -123,21 +132,6 @@ def _serve_fleet(conn, pods: int) -> None:
                 for target, n in zip(targets, walk.step(), strict=True):
                     target.allocations = n
                 conn.send(None)
-
-
-@contextmanager
-def child(target, *args):
-    context = multiprocessing.get_context("fork")
-    parent, end = context.Pipe()
-    process = context.Process(target=target, args=(end, *args), daemon=True)
-    process.start()
-    try:
-        yield parent
-    finally:
-        parent.send("stop")
-        process.join(10)
-        if process.is_alive():
-            process.kill()
 
 
 @contextmanager
@@ -440,10 +434,7 @@ def table(f: dict) -> str:
             "",
         ),
     ]
-    width = max(len(r[0]) for r in rows)
-    lines = [f"{'census benchmark':<{width}}  measured  [target]"]
-    lines += [f"{a:<{width}}  {b}{f'  [{c}]' if c else ''}" for a, b, c in rows]
-    return "\n".join(lines)
+    return rows_table("census benchmark", rows)
 
 
 def main() -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -295,3 +296,31 @@ def write_json(name: str, figures: dict) -> Path:
     path = OUT / f"{name}.json"
     path.write_text(json.dumps(figures, indent=2) + "\n")
     return path
+
+
+def rows_table(title: str, rows: list[tuple[str, str, str]]) -> str:
+    """A benchmark's figures as aligned columns: what, measured, target."""
+    width = max(len(r[0]) for r in rows + [(title, "", "")])
+    value_width = max(len(r[1]) for r in rows + [("", "measured", "")])
+    lines = [f"{title:<{width}}  {'measured':<{value_width}}  target"]
+    lines += [f"{a:<{width}}  {b:<{value_width}}  {c}".rstrip() for a, b, c in rows]
+    return "\n".join(lines)
+
+
+@contextmanager
+def child(target, *args):
+    """A forked helper process with a command pipe, told "stop" on exit. Forked before this
+    process starts any thread, and kept apart so that its work shares no GIL with the
+    stand-in API."""
+    context = multiprocessing.get_context("fork")
+    parent, end = context.Pipe()
+    process = context.Process(target=target, args=(end, *args), daemon=True)
+    process.start()
+    try:
+        yield parent
+    finally:
+        with contextlib.suppress(OSError):
+            parent.send("stop")
+        process.join(10)
+        if process.is_alive():
+            process.kill()

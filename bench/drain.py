@@ -27,7 +27,6 @@ import collections
 import contextlib
 import http.client
 import json
-import multiprocessing
 import os
 import random
 import resource
@@ -36,7 +35,6 @@ import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -44,10 +42,12 @@ import yaml
 from bench.common import (
     OUT,
     REPO,
+    child,
     children,
     cpu_seconds,
     gunicorn,
     hey,
+    rows_table,
     rss_mib,
     write_json,
 )
@@ -171,22 +171,6 @@ def _hold_drains(conn) -> None:
         conn.send((drains.answered, drains.errors))
 
 
-@contextmanager
-def child(target, *args):
-    """A forked helper process with a command pipe. Forked before this process starts any
-    thread, and kept apart so that its work shares no GIL with the stand-in API."""
-    context = multiprocessing.get_context("fork")
-    parent, end = context.Pipe()
-    process = context.Process(target=target, args=(end, *args), daemon=True)
-    process.start()
-    try:
-        yield parent
-    finally:
-        process.join(10)
-        if process.is_alive():
-            process.kill()
-
-
 # --------------------------------------------------------------------------- figures
 
 
@@ -289,59 +273,55 @@ def run() -> dict:
             "STUNNER_GUARD_POLICY_FILE": str(policy),
             "KUBECONFIG": str(api.write_kubeconfig(OUT / "drain-kubeconfig")),
         }
-        try:
-            with gunicorn("drain", env=env) as server:
-                worker = server.worker_pids()[0]
-                cpu = cpu_seconds(worker)
-                idle = admission_load(server.url, POD_REVIEW)
-                idle_cpu = (cpu_seconds(worker) - cpu) / LOAD_SECONDS
+        with gunicorn("drain", env=env) as server:
+            worker = server.worker_pids()[0]
+            cpu = cpu_seconds(worker)
+            idle = admission_load(server.url, POD_REVIEW)
+            idle_cpu = (cpu_seconds(worker) - cpu) / LOAD_SECONDS
 
-                for i in range(DRAINS):
-                    api.terminate(NAMESPACE, f"udp-gateway-{i:04d}", grace_seconds=GRACE_SECONDS)
-                before = api.requests()
-                held_after = hold_all(server, drains, paths)
-                # Steady state: every waiter past its first read, the burst of DrainStarted
-                # events (rate-limited like kubelet's) sent.
-                api.wait_until(lambda: api.count("create") >= DRAINS, timeout=60)
-                reader = children(worker)  # the drainer's metrics reader process
-                loaded_from, cpu = time.monotonic(), cpu_seconds(worker)
-                reader_cpu = sum(cpu_seconds(pid) for pid in reader)
-                fleet_cpu = cpu_seconds(fleet_pid)
-                loaded = admission_load(server.url, POD_REVIEW)
-                loaded_to = time.monotonic()
-                loaded_cpu = (cpu_seconds(worker) - cpu) / LOAD_SECONDS
-                reader_cpu = (sum(cpu_seconds(pid) for pid in reader) - reader_cpu) / LOAD_SECONDS
-                fleet_cpu = (cpu_seconds(fleet_pid) - fleet_cpu) / LOAD_SECONDS
-                # Windows in ABBA ABBA order: the machine's speed drifts over minutes, and
-                # now and then one window runs at half speed for reasons of its own (seen:
-                # held windows at 45 and 199 ms in one run, 41-48 ms in the next). Medians
-                # of four windows each side keep one such window from deciding the ratio.
-                loaded_again = admission_load(server.url, POD_REVIEW)
-                rss = rss_mib(server.process.pid) + sum(server.worker_rss_mib())
-                rss += sum(rss_mib(pid) for pid in reader)
-                threads = len(list(Path(f"/proc/{worker}/task").iterdir()))
-                fleet.send("scrapes")
-                window = [[t for t in pod if loaded_from <= t <= loaded_to] for pod in fleet.recv()]
-                # Pods' last allocations end at different times: 100 pods a second.
-                staggered = release_all(fleet, drains, paths, over_seconds=10.0)
-                # Events go out from their own thread, rate-limited: let them finish.
-                api.wait_until(lambda: api.count("create") >= 2 * DRAINS, timeout=60)
-                after = api.requests()
-                idles = [idle] + [admission_load(server.url, POD_REVIEW) for _ in range(2)]
-                # The same thousand pods held again: two more held windows, then the worst
-                # case, all at 0 at once, and the last idle window.
-                fleet.send("reset")
-                fleet.recv()
-                hold_all(server, drains, paths)
-                api.wait_until(lambda: api.count("create") >= 3 * DRAINS, timeout=60)
-                loads = [loaded, loaded_again]
-                loads += [admission_load(server.url, POD_REVIEW) for _ in range(2)]
-                at_once = release_all(fleet, drains, paths, over_seconds=0.0)
-                api.wait_until(lambda: api.count("create") >= 4 * DRAINS, timeout=60)
-                idles.append(admission_load(server.url, POD_REVIEW))
-        finally:
-            drains.send("stop")
-            fleet.send("stop")
+            for i in range(DRAINS):
+                api.terminate(NAMESPACE, f"udp-gateway-{i:04d}", grace_seconds=GRACE_SECONDS)
+            before = api.requests()
+            held_after = hold_all(server, drains, paths)
+            # Steady state: every waiter past its first read, the burst of DrainStarted
+            # events (rate-limited like kubelet's) sent.
+            api.wait_until(lambda: api.count("create") >= DRAINS, timeout=60)
+            reader = children(worker)  # the drainer's metrics reader process
+            loaded_from, cpu = time.monotonic(), cpu_seconds(worker)
+            reader_cpu = sum(cpu_seconds(pid) for pid in reader)
+            fleet_cpu = cpu_seconds(fleet_pid)
+            loaded = admission_load(server.url, POD_REVIEW)
+            loaded_to = time.monotonic()
+            loaded_cpu = (cpu_seconds(worker) - cpu) / LOAD_SECONDS
+            reader_cpu = (sum(cpu_seconds(pid) for pid in reader) - reader_cpu) / LOAD_SECONDS
+            fleet_cpu = (cpu_seconds(fleet_pid) - fleet_cpu) / LOAD_SECONDS
+            # Windows in ABBA ABBA order: the machine's speed drifts over minutes, and
+            # now and then one window runs at half speed for reasons of its own (seen:
+            # held windows at 45 and 199 ms in one run, 41-48 ms in the next). Medians
+            # of four windows each side keep one such window from deciding the ratio.
+            loaded_again = admission_load(server.url, POD_REVIEW)
+            rss = rss_mib(server.process.pid) + sum(server.worker_rss_mib())
+            rss += sum(rss_mib(pid) for pid in reader)
+            threads = len(list(Path(f"/proc/{worker}/task").iterdir()))
+            fleet.send("scrapes")
+            window = [[t for t in pod if loaded_from <= t <= loaded_to] for pod in fleet.recv()]
+            # Pods' last allocations end at different times: 100 pods a second.
+            staggered = release_all(fleet, drains, paths, over_seconds=10.0)
+            # Events go out from their own thread, rate-limited: let them finish.
+            api.wait_until(lambda: api.count("create") >= 2 * DRAINS, timeout=60)
+            after = api.requests()
+            idles = [idle] + [admission_load(server.url, POD_REVIEW) for _ in range(2)]
+            # The same thousand pods held again: two more held windows, then the worst
+            # case, all at 0 at once, and the last idle window.
+            fleet.send("reset")
+            fleet.recv()
+            hold_all(server, drains, paths)
+            api.wait_until(lambda: api.count("create") >= 3 * DRAINS, timeout=60)
+            loads = [loaded, loaded_again]
+            loads += [admission_load(server.url, POD_REVIEW) for _ in range(2)]
+            at_once = release_all(fleet, drains, paths, over_seconds=0.0)
+            api.wait_until(lambda: api.count("create") >= 4 * DRAINS, timeout=60)
+            idles.append(admission_load(server.url, POD_REVIEW))
 
     requests = {
         verb: sum(n - before.get(k, 0) for k, n in after.items() if k[0] == verb)
@@ -465,11 +445,7 @@ def lookup_table(f: dict) -> str:
             f"all {DRAINED_OUTCOME}",
         ),
     ]
-    width = max(len(r[0]) for r in rows)
-    value_width = max(len(r[1]) for r in rows)
-    lines = [f"{'drain lookups':<{width}}  {'measured':<{value_width}}  target"]
-    lines += [f"{a:<{width}}  {b:<{value_width}}  {c}" for a, b, c in rows]
-    return "\n".join(lines)
+    return rows_table("drain lookups", rows)
 
 
 def table(f: dict) -> str:
@@ -526,11 +502,7 @@ def table(f: dict) -> str:
             "<= 1",
         ),
     ]
-    width = max(len(r[0]) for r in rows)
-    value_width = max(len(r[1]) for r in rows)
-    lines = [f"{'drain benchmark':<{width}}  {'measured':<{value_width}}  target"]
-    lines += [f"{a:<{width}}  {b:<{value_width}}  {c}" for a, b, c in rows]
-    return "\n".join(lines)
+    return rows_table("drain benchmark", rows)
 
 
 def main_lookups() -> int:

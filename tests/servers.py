@@ -71,9 +71,14 @@ def gunicorn(
             time.sleep(0.05)
         yield base, process
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
+
+
+def stop(process: subprocess.Popen, within: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if the process has not exited ``within`` seconds later."""
+    process.terminate()
+    try:
+        process.wait(timeout=within)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -18,7 +18,7 @@ import yaml
 from cryptography import x509
 
 from tests.conftest import POD_REVIEW, load_json
-from tests.servers import free_port, gunicorn
+from tests.servers import free_port, gunicorn, stop
 from tests.test_observability import RULES, alerts, as_promql, dashboard_queries
 
 pytestmark = pytest.mark.e2e
@@ -91,12 +91,7 @@ def prometheus(prometheus_binary, guard, dev_certs, tmp_path_factory):
             time.sleep(0.1)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
         process.stdout.close()
 
 
