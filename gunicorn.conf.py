@@ -3,8 +3,10 @@ container image. Every value can be overridden by environment variable.
 
 Why gthread: a drain holds its request for up to the pod's grace period (an hour by
 default). sync workers are killed once a request outlives --timeout; gthread workers are
-not (the heartbeat runs in the worker's main loop), and gthread builds the TLS context per
-accepted connection, so a rotated certificate Secret is used without a restart.
+not (the heartbeat runs in the worker's main loop). webhooks/serving.py subclasses it: the
+request phase under a deadline on the main loop, eviction at worker_connections, a graceful
+stop that keeps held drains, and one TLS context reloaded (as a pair) when the certificate
+Secret changes, without a restart.
 
 Sizing: every held drain occupies one gthread thread (WSGI is blocking) for as long as it
 is held, so the pool is the drain cap (policy ``drain.maxConcurrent``, which answers calls
@@ -20,6 +22,7 @@ import os
 import resource
 
 from webhooks import logs
+from webhooks.serving import MAX_LINGERING
 from webhooks.settings import from_env
 
 # The policy file's drain section (the same file the app reads): fail here, before any
@@ -70,8 +73,9 @@ control_socket_disable = True
 # One file descriptor per connection: make sure worker_connections can be reached (the soft
 # limit is often 1024 outside containers).
 _soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-# + one kept-alive metrics connection per held drain, the API client, logs.
-_wanted = worker_connections + _drain.maxConcurrent + 256
+# + one kept-alive metrics connection per held drain, closing connections still lingering
+# (serving.MAX_LINGERING), the API client, logs.
+_wanted = worker_connections + _drain.maxConcurrent + MAX_LINGERING + 256
 if _soft != resource.RLIM_INFINITY and _soft < _wanted:
     _raised = _wanted if _hard == resource.RLIM_INFINITY else min(_wanted, _hard)
     resource.setrlimit(resource.RLIMIT_NOFILE, (_raised, _hard))

@@ -15,6 +15,7 @@ import yaml
 from app import create_app
 from tests.conftest import ADMISSION, STUNNER, create_review, envelope, load_json, load_yaml_docs
 from webhooks.names import DRAIN_TOKEN_LABEL
+from webhooks.service import ByteBudget
 from webhooks.settings import Settings
 
 V136 = sorted((ADMISSION / "apiserver-v1.36").rglob("*.json"))
@@ -274,3 +275,29 @@ def test_a_huge_hostile_value_does_not_make_a_huge_denial(client):
     _, answer = post(client, "mutate", body)
     assert answer["response"]["allowed"] is False
     assert len(answer["response"]["status"]["message"]) < 400
+
+
+def test_reviews_decoded_at_once_stay_within_the_byte_budget():
+    budget = ByteBudget(100)
+    assert budget.take(60, wait=0) and not budget.take(60, wait=0.05)
+    assert budget.take(40, wait=0)  # fits beside the first
+    budget.give(60)
+    budget.give(40)
+    assert budget.take(500, wait=0)  # larger than the budget: alone, but never refused
+    assert not budget.take(1, wait=0.05)
+    budget.give(500)
+    assert budget.taken == 0
+
+
+def test_a_review_that_finds_no_room_to_decode_gets_503_with_the_reason(
+    app, client, pod_review, monkeypatch
+):
+    monkeypatch.setattr("webhooks.http.DECODING_WAIT_SECONDS", 0.05)
+    service = app.extensions["stunner_guard"]
+    assert service.decoding.take(service.decoding.limit, wait=0)
+    try:
+        status, answer = post(client, "mutate", pod_review)
+    finally:
+        service.decoding.give(service.decoding.limit)
+    assert status == 503 and "busy" in answer
+    assert post(client, "mutate", pod_review)[0] == 200

@@ -31,6 +31,7 @@ from webhooks.settings import (
     DrainSettings,
     PolicyError,
     Settings,
+    from_env,
     load_document,
 )
 
@@ -766,6 +767,8 @@ def test_the_census_runs_from_worker_start_in_the_real_server(api, dev_certs, tm
         env = {
             "STUNNER_GUARD_POLICY_FILE": str(policy),
             "STUNNER_GUARD_NAMESPACE": "guard",
+            # The short test lease must outlast a renewal's two API tries.
+            "STUNNER_GUARD_KUBE_TIMEOUT_SECONDS": "0.1",
             "KUBECONFIG": str(api.write_kubeconfig(tmp_path / "kubeconfig")),
         }
         with gunicorn(dev_certs, env, home=tmp_path) as (base, process):
@@ -786,3 +789,13 @@ def test_the_census_runs_from_worker_start_in_the_real_server(api, dev_certs, tm
                 lambda: not api.get("Lease", "guard", "census")["spec"].get("holderIdentity"),
                 timeout=LEASE_SECONDS,
             )
+
+
+def test_a_kube_timeout_that_could_let_two_leaders_write_stops_startup(tmp_path):
+    """A patch decided just before the renew deadline lands up to two API tries later."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump({"census": {"mode": "enforce"}}))
+    env = {"STUNNER_GUARD_POLICY_FILE": str(policy)}
+    assert from_env(env | {"STUNNER_GUARD_KUBE_TIMEOUT_SECONDS": "2"}).census.mode == "enforce"
+    with pytest.raises(PolicyError, match="two replicas could write"):
+        from_env(env | {"STUNNER_GUARD_KUBE_TIMEOUT_SECONDS": "2.5"})

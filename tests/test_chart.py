@@ -47,7 +47,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.standin_apiserver import merge_patch, send_json
-from webhooks import certs
+from webhooks import certs, names
 from webhooks.admission import dispatch, stunnerd
 from webhooks.service import Service
 from webhooks.serving import HARD_STOP_MARGIN_SECONDS
@@ -2046,6 +2046,16 @@ def test_the_census_policy_refuses_the_guard_any_other_change_to_a_pod(case):
     # Anyone else (here: the ReplicaSet controller) is not this policy's business.
     other = "system:serviceaccount:kube-system:replicaset-controller"
     assert _vap_verdict(policy, *_update(change, user=other)) == []
+
+
+def test_the_census_policy_refuses_the_cost_on_pods_the_guard_did_not_stamp():
+    """Not the scale-down order of every workload in the cluster: stunnerd pods only."""
+    policy = _admission_policy(_render_mode("defaults"))
+    request, new, old = _update(_annotate(COST_KEY, "0"))
+    for pod in (new, old):
+        pod["metadata"]["labels"].pop(names.DRAIN_TOKEN_LABEL)
+    refused = _vap_verdict(policy, request, new, old)
+    assert len(refused) == 1 and "stamped with a drain token" in refused[0], refused
 
 
 @pytest.mark.parametrize(

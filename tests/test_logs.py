@@ -120,3 +120,12 @@ def test_every_line_of_the_default_text_log_has_a_time_and_a_level(guard):
         line[:4].isdigit() and line[10] == "T" and (" INFO " in line or " WARNING " in line)
         for line in lines
     ), lines
+
+
+def test_gunicorns_invalid_request_lines_are_throttled_and_others_are_not(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr("webhooks.logs.time.monotonic", lambda: now[0])
+    only = logs.ThrottleFilter("Invalid request from", per_second=2)
+    invalid = [record("Invalid request from ip=10.0.0.1: x %s", "y") for _ in range(5)]
+    assert [only.filter(r) for r in invalid] == [True, True, False, False, False]
+    assert all(only.filter(record("Booting worker %s", "1")) for _ in range(5))

@@ -5,12 +5,14 @@ the worker never stops accepting."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
 import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -20,6 +22,7 @@ from tests.hostile_clients import Attack
 from tests.servers import gunicorn
 from tests.test_drain_e2e import guard as guard  # noqa: F401, PLC0414  (the fixture)
 from tests.test_drain_e2e import kubelet_get
+from webhooks.serving import MAX_LINGERING
 
 pytestmark = pytest.mark.e2e
 
@@ -111,7 +114,7 @@ def test_the_hostile_connection_mix_neither_stalls_admission_nor_drops_a_held_dr
 
 
 @pytest.fixture(scope="module")
-def quick(dev_certs, tmp_path_factory):
+def quick_server(dev_certs, tmp_path_factory):
     """A server with a 2 s request timeout and little room, no cluster."""
     policy = tmp_path_factory.mktemp("policy") / "policy.yaml"
     policy.write_text("drain: {maxConcurrent: 4}\n")
@@ -125,7 +128,12 @@ def quick(dev_certs, tmp_path_factory):
         "STUNNER_GUARD_MAX_BODY_BYTES": "65536",
     }
     with gunicorn(dev_certs, env, home=tmp_path_factory.mktemp("home")) as (base, process):
-        yield _port(base)
+        yield _port(base), process
+
+
+@pytest.fixture
+def quick(quick_server) -> int:
+    return quick_server[0]
 
 
 def test_a_request_head_trickled_past_the_request_timeout_is_closed_unanswered(quick):
@@ -211,32 +219,80 @@ def test_expect_100_continue_gets_one_interim_answer_before_the_body(quick):
         assert b"100 Continue" not in answer
 
 
-def test_a_chunked_review_is_answered(quick):
-    connection = http.client.HTTPSConnection("127.0.0.1", quick, context=_context(), timeout=5)
-    pieces = [REVIEW[i : i + 1000] for i in range(0, len(REVIEW), 1000)]
-    connection.request(
-        "POST",
-        "/mutate",
-        body=iter(pieces),
-        headers={"Content-Type": "application/json"},
-        encode_chunked=True,
-    )
-    response = connection.getresponse()
-    assert response.status == 200
-    assert json.loads(response.read())["response"]["allowed"] is True
-    connection.close()
-
-
-def test_a_chunked_body_still_arriving_at_the_deadline_gets_408(quick):
-    with raw_tls(quick) as sock:
-        sock.sendall(
-            b"POST /mutate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n1\r\n{\r\n"
-        )
+def _answer_to(port: int, request: bytes) -> tuple[bytes, float]:
+    """What the server answers to ``request`` (sent at once), and how long it took."""
+    with raw_tls(port) as sock:
         started = time.monotonic()
-        answer = read_until_closed(sock)
-        assert answer.startswith(b"HTTP/1.1 408 "), answer[:100]
-        assert time.monotonic() - started < 3.5
+        with contextlib.suppress(OSError):  # the server may close while we still send
+            sock.sendall(request)
+        return read_until_closed(sock), time.monotonic() - started
+
+
+HEAD = b"POST /mutate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        pytest.param(HEAD + b"Transfer-Encoding: chunked\r\n\r\n1\r\n{\r\n", 411, id="chunked"),
+        pytest.param(HEAD + b"Content-Length: 10000000\r\n\r\n{", 413, id="over-the-limit"),
+        pytest.param(HEAD + b"Content-Length: " + b"9" * 5000 + b"\r\n\r\n", 413, id="5000-digits"),
+        pytest.param(HEAD + b"X-Pad: " + b"a" * 70_000, 431, id="head-over-64-KiB"),
+    ],
+)
+def test_a_request_that_would_keep_a_thread_waiting_is_refused_at_once(
+    quick, request_bytes, status
+):
+    """Stock gthread read these in a thread: an unfinished chunked body, a body over the
+    limit and a long head each held a thread until the client went away."""
+    answer, seconds = _answer_to(quick, request_bytes)
+    assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:100]
+    assert b"Connection: close" in answer and seconds < 1.0
+
+
+def test_refused_requests_never_stall_admission(quick):
+    # More of them than the server has threads, all open at once.
+    socks = [raw_tls(quick) for _ in range(12)]
+    try:
+        for sock in socks:
+            sock.sendall(HEAD + b"Transfer-Encoding: chunked\r\n\r\n1\r\n{\r\n")
+        connection = http.client.HTTPSConnection("127.0.0.1", quick, context=_context(), timeout=5)
+        seconds, status = timed(connection, "POST", "/mutate", REVIEW)
+        connection.close()
+        assert status == 200 and seconds < 1.0
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def _worker_fds(process) -> int:
+    (worker,) = [
+        int(pid)
+        for task in Path(f"/proc/{process.pid}/task").iterdir()
+        for pid in (task / "children").read_text().split()
+    ]
+    return len(list(Path(f"/proc/{worker}/fd").iterdir()))
+
+
+def test_answered_connections_whose_peers_never_close_stay_bounded(quick_server):
+    """Each ``Connection: close`` answer lingers (up to 2 s) for the peer to close; peers
+    that never do must not pile up open sockets beyond MAX_LINGERING."""
+    port, process = quick_server
+    socks = []
+    try:
+        for _ in range(MAX_LINGERING + 200):
+            sock = raw_tls(port)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            socks.append(sock)  # read nothing, close nothing
+        time.sleep(0.5)
+        # The limit the server keeps (60) plus the lingering ones plus its own few.
+        assert _worker_fds(process) < 60 + MAX_LINGERING + 40
+        connection = http.client.HTTPSConnection("127.0.0.1", port, context=_context(), timeout=5)
+        assert timed(connection, "GET", "/healthz")[1] == 200
+        connection.close()
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def test_two_pipelined_requests_get_two_answers_in_order(quick):

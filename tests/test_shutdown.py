@@ -9,8 +9,10 @@ and only at its hard limit answers the drains still held ``stopped``."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import signal
+import socket
 import ssl
 import threading
 import time
@@ -163,3 +165,35 @@ def test_a_guard_rollout_under_admission_traffic_fails_no_call(guard, dev_certs,
             time.sleep(1)
     assert apiserver.failures == []
     assert apiserver.served[old.base] > 20 and apiserver.served[new_base] > 20
+
+
+@pytest.mark.parametrize(
+    "guard",
+    [{"GUNICORN_GRACEFUL_TIMEOUT": "60", "STUNNER_GUARD_REQUEST_TIMEOUT_SECONDS": "2"}],
+    indirect=True,
+)
+def test_clients_that_keep_connecting_do_not_keep_a_stopping_guard_alive(guard):
+    """Nothing held: once its linger is over the stopping guard refuses new connections,
+    and what is open ends within a request timeout, whoever keeps connecting."""
+    port = int(guard.base.rsplit(":", 1)[1])
+    stop = threading.Event()
+
+    def connect_forever() -> None:
+        held = []
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                held.append(socket.create_connection(("127.0.0.1", port), timeout=1))
+            time.sleep(0.05)
+        for sock in held:
+            sock.close()
+
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(connect_forever)
+        time.sleep(0.5)
+        stopped = time.monotonic()
+        guard.process.send_signal(signal.SIGTERM)
+        try:
+            assert guard.process.wait(timeout=15) == 0
+        finally:
+            stop.set()
+    assert time.monotonic() - stopped < 8  # linger 2 s + the last request timeout 2 s + slack

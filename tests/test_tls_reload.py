@@ -19,9 +19,12 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.servers import gunicorn
-from webhooks import certs
+from webhooks import certs, serving
+from webhooks.metrics import Metrics
 from webhooks.serving import TLS_CHECK_SECONDS, TLSContext
 
 
@@ -78,10 +81,36 @@ def test_a_torn_pair_keeps_the_last_good_context_until_the_pair_is_whole(tmp_pat
     cert.write_bytes(second["tls.crt"])
     clock[0] += TLS_CHECK_SECONDS
     assert tls.current() is good and tls.failures == 1
+    assert tls.stale and tls.served == first["tls.crt"]  # still serving the first
     # The pair is whole: loaded.
     key.write_bytes(second["tls.key"])
     clock[0] += TLS_CHECK_SECONDS
     assert tls.current() is not good and tls.reloads == 1
+    assert not tls.stale and tls.served == second["tls.crt"]
+
+
+def test_the_expiry_metric_follows_the_certificate_served_not_the_file(tmp_path, monkeypatch):
+    """A new certificate whose key does not match is not what clients get: the metric keeps
+    the served one's expiry and says the file is not usable (the unreadable alert fires)."""
+    served, unusable = certs.generate(days=90), certs.generate(days=400)
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert.write_bytes(served["tls.crt"])
+    key.write_bytes(served["tls.key"])
+    tls = TLSContext(str(cert), str(key))
+    metrics = Metrics()
+    metrics.certificates.watch(serving=str(cert), ca=str(cert))
+    metrics.certificates.serve_from(lambda: (tls.served, tls.stale))
+    cert.write_bytes(unusable["tls.crt"])  # its key never comes
+    tls._checked -= TLS_CHECK_SECONDS
+    tls.current()
+    page = {
+        (s.name, s.labels.get("certificate")): s.value
+        for f in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+        for s in f.samples
+    }
+    expected = x509.load_pem_x509_certificate(served["tls.crt"]).not_valid_after_utc.timestamp()
+    assert page[("stunner_guard_certificate_expiry_timestamp_seconds", "serving")] == expected
+    assert page[("stunner_guard_certificate_readable", "serving")] == 0.0
 
 
 def test_an_unchanged_pair_is_not_loaded_again(tmp_path):
@@ -90,11 +119,9 @@ def test_an_unchanged_pair_is_not_loaded_again(tmp_path):
     (tmp_path / "tls.key").write_bytes(files["tls.key"])
     loads = []
 
-    def counting(certfile, keyfile):
-        loads.append(certfile)
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(certfile, keyfile)
-        return context
+    def counting(cert: bytes, key: bytes):
+        loads.append(cert)
+        return serving._server_context(cert, key)
 
     tls = TLSContext(str(tmp_path / "tls.crt"), str(tmp_path / "tls.key"), make=counting)
     for _ in range(3):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from pathlib import PurePath
@@ -14,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from webhooks import logs
 from webhooks import metrics as metric_labels
 from webhooks.admission import dispatch, review
-from webhooks.service import Service
+from webhooks.service import DECODING_WAIT_SECONDS, Service
 
 log = logging.getLogger(__name__)
 blueprint = Blueprint("stunner_guard", __name__)
@@ -34,7 +33,9 @@ class App(Flask):
     request, so any client could fill the node's disk and bury every other log line."""
 
     def log_exception(self, exc_info) -> None:
-        self.logger.error("%s", one_line(exc_info))
+        # A bug, but one a client may be able to trigger at will: at most a line a second.
+        if _exceptions_logged.take() is not None:
+            self.logger.error("%s", one_line(exc_info))
 
 
 def one_line(exc_info) -> str:
@@ -79,23 +80,23 @@ def _admit(webhook: str) -> Response:
     # limit is read and dropped first; anything larger is cut off.
     if request.content_length is not None and request.content_length > limit:
         if request.content_length <= DISCARD_OVERSIZED_FACTOR * limit:
-            with contextlib.suppress(TimeoutError):
-                while request.stream.read(1 << 16):
-                    pass
+            while request.stream.read(1 << 16):
+                pass
         reason = f"body of {request.content_length} bytes exceeds the {limit}-byte limit"
         return _refuse(service, webhook, 413, reason)
-    try:
-        body = _read_body(limit)
-    except TimeoutError as err:
-        # A streamed body (chunked) still arriving at the request deadline (serving.py).
-        return _refuse(service, webhook, 408, f"body not received in time: {err}")
+    body = _read_body(limit)
+    if not service.decoding.take(len(body), DECODING_WAIT_SECONDS):
+        why = f"busy: {service.decoding.taken} bytes of reviews being decided; retry"
+        return _refuse(service, webhook, 503, why)
     try:
         req = review.parse(body, limit)
         # The rules refuse (TooDeep) an object nested too deeply to walk.
         verdict = dispatch.decide(req, webhook, service)
+        answer = review.encode(req.uid, verdict, mutating=webhook == dispatch.MUTATE)
     except review.BadReview as err:
         return _refuse(service, webhook, err.status, err.reason)
-    answer = review.encode(req.uid, verdict, mutating=webhook == dispatch.MUTATE)
+    finally:
+        service.decoding.give(len(body))
     service.metrics.admission_requests.labels(
         webhook,
         HANDLED_KINDS.get((req.group, req.kind), metric_labels.OTHER),
@@ -106,6 +107,7 @@ def _admit(webhook: str) -> Response:
     return _json(answer)
 
 
+_exceptions_logged = logs.Throttle(per_second=1)
 # Refused bodies are logged (one line each: status, reason, client), at most this many a
 # second; any client can send them at will.
 _refusals_logged = logs.Throttle(per_second=10)

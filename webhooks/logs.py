@@ -130,3 +130,21 @@ def configure(fmt: str, level: str = "info") -> None:
     for name in ("gunicorn.error", "gunicorn.access"):
         for handler in logging.getLogger(name).handlers:
             handler.setFormatter(formatter)
+    # gunicorn logs every request it cannot parse ("Invalid request from ip=..."): any
+    # client can make those at will.
+    logging.getLogger("gunicorn.error").addFilter(ThrottleFilter("Invalid request from"))
+
+
+class ThrottleFilter(logging.Filter):
+    """Lets through at most ``per_second`` records a second whose message starts with
+    ``prefix`` (the rest pass as they are)."""
+
+    def __init__(self, prefix: str, per_second: float = 10.0) -> None:
+        super().__init__()
+        self.prefix = prefix
+        self.throttle = Throttle(per_second)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            return True
+        return self.throttle.take() is not None

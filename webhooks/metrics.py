@@ -223,6 +223,11 @@ class _CertificateFile:
         self._seen: tuple[int, int, int] | None = None
         self._expiry: float | None = None
 
+    def state(self) -> tuple[float | None, bool]:
+        """(notAfter as Unix time, or None; whether the file was read and parsed)."""
+        value = self.expiry()
+        return value, value is not None
+
     def expiry(self) -> float | None:
         """notAfter as Unix time, or None when the file cannot be read or parsed."""
         try:
@@ -253,6 +258,27 @@ class _CertificateFile:
         return None
 
 
+class _ServedCertificate:
+    """The serving certificate as the TLS server loaded it (webhooks/serving.py): the expiry
+    of what clients get, and not readable while the files hold a pair that does not load
+    (the server keeps serving the last good one, whose expiry still counts)."""
+
+    def __init__(self, served: Callable[[], tuple[bytes, bool]]) -> None:
+        self.served = served
+        self._pem = b""
+        self._expiry: float | None = None
+
+    def state(self) -> tuple[float | None, bool]:
+        pem, stale = self.served()
+        if pem is not self._pem:
+            self._pem = pem
+            try:
+                self._expiry = certs.expiry_timestamps(pem)[0]
+            except ValueError:
+                self._expiry = None
+        return self._expiry, self._expiry is not None and not stale
+
+
 class CertificateExpiry:
     """notAfter of the serving certificate in use (the first certificate of its file: the
     leaf) and of its CA (the earliest of the CA file's certificates: during a CA rotation
@@ -261,7 +287,7 @@ class CertificateExpiry:
     and ``stunner_guard_certificate_readable`` 0 for it; the scrape goes on."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self._files: dict[str, _CertificateFile] = {}
+        self._files: dict[str, _CertificateFile | _ServedCertificate] = {}
         registry.register(self)
 
     def watch(self, serving: str, ca: str) -> None:
@@ -269,6 +295,11 @@ class CertificateExpiry:
             "serving": _CertificateFile(serving, lambda found: found[0]),
             "ca": _CertificateFile(ca, min),
         }
+
+    def serve_from(self, served: Callable[[], tuple[bytes, bool]]) -> None:
+        """The serving certificate from the TLS server itself: (PEM in use, whether the
+        files now hold a pair that did not load)."""
+        self._files["serving"] = _ServedCertificate(served)
 
     def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
         return (
@@ -280,7 +311,8 @@ class CertificateExpiry:
             ),
             GaugeMetricFamily(
                 READABLE,
-                "1 when the certificate file was read and parsed, 0 when it cannot be.",
+                "1 when the certificate file was read and parsed (for serving: and loaded with "
+                "its key), 0 when it cannot be.",
                 labels=["certificate"],
             ),
         )
@@ -290,9 +322,9 @@ class CertificateExpiry:
 
     def collect(self) -> Iterable[Metric]:
         expiry, readable = self._families()
-        for name, file in self._files.items():
-            value = file.expiry()
-            readable.add_metric([name], 0.0 if value is None else 1.0)
+        for name, source in self._files.items():
+            value, ok = source.state()
+            readable.add_metric([name], 1.0 if ok else 0.0)
             if value is not None:
                 expiry.add_metric([name], value)
         return [expiry, readable]

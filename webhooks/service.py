@@ -18,6 +18,38 @@ from webhooks.lifecycle.drain import Drainer
 from webhooks.metrics import Metrics
 from webhooks.settings import Settings
 
+# Bytes of request bodies being decoded and decided at once. A body's parsed objects take
+# up to about 30 times its size (measured: a hostile 3 MiB review became 88 MiB), so this
+# bounds what concurrent reviews can add to the worker (with the default 3 MiB limit, about
+# 120 MiB); real reviews are a few KiB, so dozens still go at once.
+DECODING_BYTES = 4 * 1024 * 1024
+# How long a review waits for room before it is answered 503 (the apiserver's webhook
+# timeout is a few seconds).
+DECODING_WAIT_SECONDS = 2.0
+
+
+class ByteBudget:
+    """At most ``limit`` bytes taken at once; one request larger than the limit still gets
+    it alone."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.taken = 0
+        self._cond = threading.Condition()
+
+    def take(self, size: int, wait: float) -> bool:
+        with self._cond:
+            room = lambda: self.taken == 0 or self.taken + size <= self.limit  # noqa: E731
+            if not self._cond.wait_for(room, wait):
+                return False
+            self.taken += size
+            return True
+
+    def give(self, size: int) -> None:
+        with self._cond:
+            self.taken -= size
+            self._cond.notify_all()
+
 
 @dataclass
 class Service:
@@ -28,6 +60,7 @@ class Service:
     census: Census = field(init=False)
     # SIGTERM reached the worker: /readyz fails, everything else goes on.
     stopping: bool = field(default=False, init=False)
+    decoding: ByteBudget = field(default_factory=lambda: ByteBudget(DECODING_BYTES), init=False)
 
     def __post_init__(self) -> None:
         self.drainer = Drainer(self.settings, self.kube, self.metrics)

@@ -47,6 +47,7 @@ import re
 import selectors
 import socket
 import ssl
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -65,13 +66,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Lingering closes at once; more wait their turn (each ends within 2 s).
+# Lingering closes at once; more wait their turn (each ends within 2 s), up to
+# MAX_LINGERING waiting: past that a connection is closed at once. A peer that never closes
+# its end would otherwise keep a socket (a file descriptor) open outside every limit.
 CLOSING_THREADS = 8
+MAX_LINGERING = 256
 # Request-phase bytes buffered by the main loop, all connections together. A hostile
 # client must send them to fill them; past this, the oldest unfinished requests go.
-MAX_BUFFERED_BYTES = 256 * 1024 * 1024
-# A request head larger than this is handed to gunicorn's parser as it is, to be refused
-# there (gunicorn's own limits: a 4 KiB request line, 100 fields of 8 KiB).
+MAX_BUFFERED_BYTES = 32 * 1024 * 1024
+# A request head larger than this is refused (431) by the main loop. The apiserver's,
+# kubelet's and Prometheus's are well under 2 KiB.
 MAX_HEAD_BYTES = 64 * 1024
 # How often the TLS files are checked for a change (a stat each), and retried after a
 # pair that did not load (kubelet writes a Secret's files within one symlink swap; a torn
@@ -94,6 +98,10 @@ _HTTP_11 = re.compile(rb"^[^\r\n]* HTTP/1\.1\r\n")
 
 
 _loop_errors_logged = logs.Throttle(per_second=1)
+# Requests refused by the main loop (431, 411, 413) are logged at most this many a second.
+_refusals_logged = logs.Throttle(per_second=10)
+# Out of file descriptors with nothing to evict: accepting stops this long.
+ACCEPT_PAUSE_SECONDS = 0.1
 
 
 # --------------------------------------------------------------------------- framing
@@ -104,42 +112,45 @@ class Framing:
     """What the main loop knows of a request from its bytes so far."""
 
     complete: bool  # the whole request is buffered (or cannot be framed: let gunicorn say)
-    head_end: int = -1  # index past the blank line ending the head, -1 until seen
-    stream_body: bool = False  # hand over at the end of the head; the thread reads the body
     expects_continue: bool = False
+    refuse: tuple[int, str, str] | None = None  # (status, reason phrase, why): answer, close
 
 
 def framing(buf: bytes | bytearray, max_body: int) -> Framing:
     """Whether ``buf`` holds a whole HTTP/1.1 request. Only what the hand-over needs is
     looked at: the end of the head and the body's length. gunicorn's parser reads the
-    request again, validates everything and refuses what is malformed, so anything this
-    cannot frame (a bad or repeated Content-Length, a head too large) counts as complete
-    and goes to the parser as it is."""
+    request again, validates everything and refuses what is malformed, so a head this
+    cannot frame (a repeated or invalid Content-Length) counts as complete and goes to the
+    parser as it is. What would make a thread wait on the client is refused here instead:
+    a head over MAX_HEAD_BYTES, a chunked body (the apiserver, kubelet and Prometheus send a
+    Content-Length), a body over the limit."""
     end = buf.find(b"\r\n\r\n")
     if end < 0:
-        return Framing(complete=len(buf) > MAX_HEAD_BYTES)
-    head_end = end + 4
-    head = bytes(buf[:head_end])
+        if len(buf) > MAX_HEAD_BYTES:
+            why = f"request head over {MAX_HEAD_BYTES} bytes"
+            return Framing(complete=False, refuse=(431, "Request Header Fields Too Large", why))
+        return Framing(complete=False)
+    head = bytes(buf[: end + 4])
     if _TRANSFER_ENCODING.search(head):
-        return Framing(complete=True, head_end=head_end, stream_body=True)
+        why = "send the body with a Content-Length; a Transfer-Encoding is not read"
+        return Framing(complete=False, refuse=(411, "Length Required", why))
     lengths = {m.group(1).strip() for m in _CONTENT_LENGTH.finditer(head)}
     if not lengths:
-        return Framing(complete=True, head_end=head_end)
+        return Framing(complete=True)
     (length_text,) = lengths if len(lengths) == 1 else (b"",)
     if not length_text.isdigit():
-        return Framing(complete=True, head_end=head_end)
-    length = int(length_text)
-    if length > max_body:
-        return Framing(complete=True, head_end=head_end, stream_body=True)
+        return Framing(complete=True)
+    if len(length_text) > len(str(max_body)) or int(length_text) > max_body:
+        why = f"body of {length_text[:30].decode()} bytes exceeds the {max_body}-byte limit"
+        return Framing(complete=False, refuse=(413, "Content Too Large", why))
     expects = bool(_EXPECT_CONTINUE.search(head)) and bool(_HTTP_11.match(head))
-    return Framing(
-        complete=len(buf) >= head_end + length, head_end=head_end, expects_continue=expects
-    )
+    return Framing(complete=len(buf) >= len(head) + int(length_text), expects_continue=expects)
 
 
 class _DeadlineSocket:
-    """What gunicorn's parser reads a streamed body from: the socket, with every read
-    bounded by what is left of the request phase's deadline."""
+    """What gunicorn's parser reads from: the socket, every read bounded by what is left of
+    the request phase's deadline (the request is whole by then; this only bounds a
+    surprise)."""
 
     def __init__(self, sock: socket.socket, deadline: float) -> None:
         self.sock = sock
@@ -161,15 +172,19 @@ class _DeadlineSocket:
 
 class TLSContext:
     """The serving certificate and key as one SSLContext, reloaded when either file
-    changes. Both files are read, then loaded together; a pair that does not load (read
-    in the middle of a swap, or mismatched) leaves the last good context in use and is
-    tried again after ``TLS_CHECK_SECONDS``."""
+    changes. Both files are read into memory and loaded from those copies together, so the
+    pair loaded is the pair read; a pair that does not load (read in the middle of a swap,
+    or a certificate that does not match its key) leaves the last good context in use
+    (``stale`` until a pair loads) and is tried again after ``TLS_CHECK_SECONDS``.
+    ``served`` is the certificate PEM in use, for its expiry metric."""
 
     def __init__(self, certfile: str, keyfile: str, make=None) -> None:
         self.certfile = certfile
         self.keyfile = keyfile
         self._make = make or _server_context
         self.context: ssl.SSLContext | None = None
+        self.served = b""
+        self.stale = False
         self._loaded: tuple | None = None  # the files' stat signatures of `context`
         self._checked = 0.0
         self.reloads = 0
@@ -186,23 +201,22 @@ class TLSContext:
             return self.context
         self._checked = now
         signature = self._signature()
-        if signature != self._loaded:
-            try:
-                context = self._make(self.certfile, self.keyfile)
-            except (OSError, ssl.SSLError, ValueError) as err:
-                self.failures += 1
-                if self.context is None:
-                    raise
-                log.warning("TLS certificate not reloaded, keeping the current one: %s", err)
-            else:
-                # Loaded from files that did not change while they were read.
-                if self._signature() == signature:
-                    if self.context is not None:
-                        self.reloads += 1
-                        log.info("TLS certificate reloaded from %s", self.certfile)
-                    self.context, self._loaded = context, signature
-                elif self.context is None:
-                    self.context = context  # the first one: retried at the next check
+        if signature == self._loaded:
+            return self.context
+        try:
+            cert, key = _read(self.certfile), _read(self.keyfile)
+            context = self._make(cert, key)
+        except (OSError, ssl.SSLError, ValueError) as err:
+            self.failures += 1
+            self.stale = self.context is not None
+            if self.context is None:
+                raise
+            log.warning("TLS certificate not reloaded, still serving the last good one: %s", err)
+        else:
+            if self.context is not None:
+                self.reloads += 1
+                log.info("TLS certificate reloaded from %s", self.certfile)
+            self.context, self.served, self._loaded, self.stale = context, cert, signature, False
         return self.context
 
 
@@ -214,11 +228,32 @@ def _stat_signature(path: str) -> tuple:
     return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
-def _server_context(certfile: str, keyfile: str) -> ssl.SSLContext:
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _server_context(cert: bytes, key: bytes) -> ssl.SSLContext:
+    """A server context from PEM bytes (ssl loads only from paths: in-memory files)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(certfile, keyfile)
+    with _memory_file(cert) as cert_path, _memory_file(key) as key_path:
+        context.load_cert_chain(cert_path, key_path)
     return context
+
+
+@contextlib.contextmanager
+def _memory_file(data: bytes):
+    """A path that reads ``data``: an anonymous in-memory file (Linux memfd), never on disk
+    (a key among them)."""
+    fd = os.memfd_create("stunner-guard-tls", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------- connections
@@ -228,7 +263,7 @@ class _Conn(gthread.TConn):
     """A connection, with its request phase: TLS handshake (once), then the bytes of the
     next request, until it is whole or its deadline passes."""
 
-    closer: ThreadPoolExecutor | None = None
+    closer: _Closer | None = None
 
     def __init__(self, cfg, sock, client, server) -> None:
         super().__init__(cfg, sock, client, server)
@@ -241,9 +276,35 @@ class _Conn(gthread.TConn):
 
     def close(self, graceful: bool = False) -> None:
         if graceful and self.closer is not None:
-            self.closer.submit(super().close, True)
+            self.closer.submit(super().close)
         else:
             super().close(graceful)
+
+
+class _Closer:
+    """Lingering closes (shut the write side, read until the peer closes, at most 2 s) on
+    threads of their own, at most MAX_LINGERING waiting; past that, closed at once."""
+
+    def __init__(self) -> None:
+        self.pool = ThreadPoolExecutor(CLOSING_THREADS, thread_name_prefix="close")
+        self.pending = 0
+        self._lock = threading.Lock()
+
+    def submit(self, close) -> None:
+        with self._lock:
+            linger = self.pending < MAX_LINGERING
+            self.pending += linger
+        if linger:
+            self.pool.submit(self._linger, close)
+        else:
+            close(False)
+
+    def _linger(self, close) -> None:
+        try:
+            close(True)
+        finally:
+            with self._lock:
+                self.pending -= 1
 
 
 class ThreadWorker(gthread.ThreadWorker):
@@ -251,7 +312,10 @@ class ThreadWorker(gthread.ThreadWorker):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.phase: deque[_Conn] = deque()  # request-phase connections, oldest first
+        # (deadline, connection) of every request phase begun, oldest first; an entry whose
+        # connection has left that phase (or begun another) is skipped.
+        self.phase: deque[tuple[float, _Conn]] = deque()
+        self.accept_paused_until: float | None = None
         self.buffered = 0
         self.in_flight: set[_Conn] = set()
         self.stopping_since: float | None = None
@@ -264,7 +328,7 @@ class ThreadWorker(gthread.ThreadWorker):
     # ---------------------------------------------------------------- set-up
 
     def init_process(self) -> None:
-        self.closer = ThreadPoolExecutor(CLOSING_THREADS, thread_name_prefix="close")
+        self.closer = _Closer()
         if self.cfg.is_ssl:
             self.tls = TLSContext(self.cfg.certfile, self.cfg.keyfile)
         super().init_process()
@@ -274,6 +338,11 @@ class ThreadWorker(gthread.ThreadWorker):
         # The app's Service (app.create_app); None for another WSGI app served by this
         # worker (the benchmark's allow-all baseline).
         self.service = getattr(self.wsgi, "extensions", {}).get("stunner_guard")
+        if self.service is not None and self.tls is not None:
+            # The expiry metric follows the certificate served, not the file: a new file
+            # whose pair does not load is not what clients see.
+            tls = self.tls
+            self.service.metrics.certificates.serve_from(lambda: (tls.served, tls.stale))
         settings = self.service.settings if self.service is not None else from_env()
         self.request_timeout = settings.requestTimeoutSeconds
         self.max_body = settings.maxBodyBytes
@@ -286,8 +355,11 @@ class ThreadWorker(gthread.ThreadWorker):
         except OSError as e:
             if e.errno in (errno.EMFILE, errno.ENFILE):
                 # Out of file descriptors (a limit below worker_connections): make room
-                # rather than crash the worker and every held drain with it.
-                self._evict_one()
+                # rather than crash the worker and every held drain with it; with nothing to
+                # evict, stop accepting for a moment rather than spin on the listener.
+                if not self._evict_one():
+                    self.set_accept_enabled(False)
+                    self.accept_paused_until = time.monotonic() + ACCEPT_PAUSE_SECONDS
             elif e.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
                 raise
             return
@@ -314,8 +386,8 @@ class ThreadWorker(gthread.ThreadWorker):
         the oldest idle kept-alive one. False when every connection is a request in
         flight."""
         while self.phase:
-            conn = self.phase.popleft()
-            if conn.in_phase:
+            deadline, conn = self.phase.popleft()
+            if conn.in_phase and conn.deadline == deadline:
                 self._abandon(conn)
                 return True
         if self.keepalived_conns:
@@ -326,10 +398,6 @@ class ThreadWorker(gthread.ThreadWorker):
             return True
         return False
 
-    def set_accept_enabled(self, enabled: bool) -> None:
-        # Never stop accepting: at worker_connections, accept() evicts instead.
-        super().set_accept_enabled(True)
-
     # ---------------------------------------------------------------- the request phase
 
     def _begin_phase(self, conn: _Conn, seed: bytes) -> None:
@@ -338,7 +406,7 @@ class ThreadWorker(gthread.ThreadWorker):
         conn.buf = bytearray(seed)
         conn.sent_continue = False
         self.buffered += len(seed)
-        self.phase.append(conn)
+        self.phase.append((conn.deadline, conn))
         if seed and self._advance(conn):
             return
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_phase_io, conn))
@@ -385,6 +453,9 @@ class ThreadWorker(gthread.ThreadWorker):
     def _advance(self, conn: _Conn) -> bool:
         """Hand the connection to a thread once its request is whole (True)."""
         frame = framing(conn.buf, self.max_body)
+        if frame.refuse is not None:
+            self._refuse(conn, *frame.refuse)
+            return True
         if frame.expects_continue and not conn.sent_continue and not frame.complete:
             # The client waits for this before it sends the body (curl, for bodies over
             # 1 KiB); gunicorn would send it only once a thread reads the request.
@@ -401,12 +472,29 @@ class ThreadWorker(gthread.ThreadWorker):
             conn.parser = http.get_parser(self.cfg, conn.sock, conn.client)
             conn.initialized = True
         conn.parser.unreader.unread(data)
-        conn.parser.unreader.sock = (
-            _DeadlineSocket(conn.sock, conn.deadline) if frame.stream_body else conn.sock
-        )
+        # The request is whole: the parser needs nothing more from the socket. Should it
+        # read anyway, it waits no longer than the request phase's deadline.
+        conn.parser.unreader.sock = _DeadlineSocket(conn.sock, conn.deadline)
         conn.data_ready = True
         self.enqueue_req(conn)
         return True
+
+    def _refuse(self, conn: _Conn, status: int, phrase: str, why: str) -> None:
+        """Answer a request that would have a thread wait on its client, and close."""
+        with contextlib.suppress(OSError, KeyError, ValueError):
+            self.poller.unregister(conn.sock)
+        self._end_phase(conn)
+        body = f"{why}\n".encode()
+        head = (
+            f"HTTP/1.1 {status} {phrase}\r\nContent-Type: text/plain\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        )
+        with contextlib.suppress(OSError):  # a small answer; one that does not fit is lost
+            conn.sock.send(head.encode() + body)
+        if _refusals_logged.take() is not None:
+            log.info("refused a request from %s: %s %s", conn.client[0], status, why)
+        self.nr_conns -= 1
+        conn.close(graceful=True)
 
     def _abandon(self, conn: _Conn) -> None:
         with contextlib.suppress(OSError, KeyError, ValueError):
@@ -416,17 +504,21 @@ class ThreadWorker(gthread.ThreadWorker):
 
     def _shed_buffers(self) -> None:
         while self.buffered > MAX_BUFFERED_BYTES and self.phase:
-            conn = self.phase.popleft()
-            if conn.in_phase:
+            deadline, conn = self.phase.popleft()
+            if conn.in_phase and conn.deadline == deadline:
                 self._abandon(conn)
 
     def murder_pending(self) -> None:
         """Close connections whose request phase outlived its deadline (and forget the
         ones that left it)."""
         now = time.monotonic()
-        while self.phase and (not self.phase[0].in_phase or self.phase[0].deadline <= now):
-            conn = self.phase.popleft()
-            if conn.in_phase:
+        while self.phase:
+            deadline, conn = self.phase[0]
+            current = conn.in_phase and conn.deadline == deadline
+            if current and deadline > now:
+                break
+            self.phase.popleft()
+            if current:
                 self._abandon(conn)
 
     def wait_for_and_dispatch_events(self, timeout: float) -> None:
@@ -513,6 +605,7 @@ class ThreadWorker(gthread.ThreadWorker):
                 break
             self.murder_keepalived()
             self.murder_pending()
+            self._resume_accepting()
             if self.alive:
                 continue
             if self.stopping_since is None:  # max_requests, a parent change
@@ -526,7 +619,14 @@ class ThreadWorker(gthread.ThreadWorker):
                 break
         self._close_all()
 
+    def _resume_accepting(self) -> None:
+        if self.accept_paused_until is not None and time.monotonic() >= self.accept_paused_until:
+            self.accept_paused_until = None
+            self.set_accept_enabled(True)
+
     def _loop_timeout(self) -> float:
+        if self.accept_paused_until is not None:
+            return ACCEPT_PAUSE_SECONDS
         return 1.0 if self.alive else 0.2
 
     def _drains(self) -> int:
@@ -544,6 +644,10 @@ class ThreadWorker(gthread.ThreadWorker):
                 self.service.stop_drains()
         if self.hard_stopped and elapsed >= self.cfg.graceful_timeout - 1.0:
             return True
+        if self.sockets and elapsed >= STOP_LINGER_SECONDS and not self._drains():
+            # Nothing held: new connections are refused from now on (fast, so the client
+            # goes to another replica), and what is open finishes within a request timeout.
+            self._close_listeners()
         # Idle kept-alive connections go, oldest first, once idle for a while.
         while (
             self.keepalived_conns
@@ -553,18 +657,25 @@ class ThreadWorker(gthread.ThreadWorker):
             with contextlib.suppress(OSError, KeyError, ValueError):
                 self.poller.unregister(conn.sock)
             self._drop(conn)
-        busy = self.in_flight or self.keepalived_conns or any(c.in_phase for c in self.phase)
-        return not busy and elapsed >= STOP_LINGER_SECONDS
+        busy = self.in_flight or self.keepalived_conns or any(c.in_phase for _, c in self.phase)
+        return not busy and not self.sockets
+
+    def _close_listeners(self) -> None:
+        self.set_accept_enabled(False)
+        for listener in self.sockets:
+            listener.close()
+        self.sockets = []
 
     def _close_all(self) -> None:
         with contextlib.suppress(Exception):
             if self.service is not None:
                 self.service.close()
-        for conn in list(self.phase) + list(self.keepalived_conns):
+        in_phase = {c for _, c in self.phase if c.in_phase}
+        for conn in list(in_phase) + list(self.keepalived_conns):
             with contextlib.suppress(OSError):
                 conn.close()
         self.tpool.shutdown(wait=False)
-        self.closer.shutdown(wait=False)
+        self.closer.pool.shutdown(wait=False)
         self.poller.close()
         self.method_queue.close()
         for s in self.sockets:

@@ -487,6 +487,17 @@ def from_env(env: dict[str, str] | None = None) -> Settings:
     request_timeout = _env_seconds(
         env, "STUNNER_GUARD_REQUEST_TIMEOUT_SECONDS", defaults.requestTimeoutSeconds
     )
+    # A census write decided just before the renew deadline lands up to two API tries
+    # later: the lease must outlast both, or a cut-off leader could still write when
+    # another replica has taken over.
+    if census.mode != OFF and not (
+        census.renewDeadlineSeconds + 2 * kube_timeout < census.leaseDurationSeconds
+    ):
+        raise PolicyError(
+            f"census.leaseDurationSeconds ({census.leaseDurationSeconds}) must exceed "
+            f"census.renewDeadlineSeconds ({census.renewDeadlineSeconds}) + 2 x "
+            f"STUNNER_GUARD_KUBE_TIMEOUT_SECONDS ({kube_timeout}): two replicas could write"
+        )
     cert_file = env.get("STUNNER_GUARD_CERT_FILE") or defaults.certFile
     return Settings(
         policy=policy,

@@ -199,3 +199,8 @@ then 10 s for the process to exit before kubelet's SIGKILL.
 {{- end -}}
 {{- if $set }}{{ $set }}{{ else }}{{ $needed }}{{ end -}}
 {{- end }}
+
+{{/* The label the guard stamps on every stunnerd pod it admits (webhooks/names.py). */}}
+{{- define "stunner-guard.drainTokenLabel" -}}
+stunner-guard.l7mp.io/drain-token
+{{- end }}
