@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -28,6 +29,7 @@ def gunicorn(
     env: dict[str, str] | None = None,
     home: Path | None = None,
     ready_within: float = 15.0,
+    fd_limit: int | None = None,
 ):
     """Start gunicorn over TLS on a free loopback port; yield (base URL, process); the
     process's ``log`` attribute is the path of its log file.
@@ -53,6 +55,8 @@ def gunicorn(
             env=full_env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
+            # A hard limit on file descriptors gunicorn.conf.py cannot raise.
+            preexec_fn=(lambda: _limit_fds(fd_limit)) if fd_limit else None,
         )
     process.log = log
     base = f"https://127.0.0.1:{port}"
@@ -72,6 +76,10 @@ def gunicorn(
         yield base, process
     finally:
         stop(process)
+
+
+def _limit_fds(limit: int) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
 
 def stop(process: subprocess.Popen, within: float = 10.0) -> None:

@@ -304,3 +304,28 @@ def test_two_pipelined_requests_get_two_answers_in_order(quick):
         answer = read_until_closed(sock)
         assert answer.count(b"HTTP/1.1 ") == 2
         assert answer.index(b"HTTP/1.1 200 ") < answer.index(b"HTTP/1.1 404 ")
+
+
+def test_out_of_file_descriptors_the_worker_evicts_and_answers(dev_certs, tmp_path):
+    """A descriptor limit below worker_connections: accept fails with EMFILE. The worker
+    makes room (the oldest connection still sending nothing) and goes on answering,
+    instead of crashing (and cutting held drains) or spinning on the listener."""
+    env = {"STUNNER_GUARD_DRAIN_HOST": "10.96.0.10"}
+    with gunicorn(dev_certs, env, home=tmp_path, fd_limit=300) as (base, process):
+        port = _port(base)
+        hogs = []
+        try:
+            for _ in range(320):  # more than the worker has descriptors
+                with contextlib.suppress(OSError):
+                    hogs.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            time.sleep(0.5)
+            connection = http.client.HTTPSConnection(
+                "127.0.0.1", port, context=_context(), timeout=5
+            )
+            assert timed(connection, "POST", "/mutate", REVIEW)[1] == 200
+            connection.close()
+            assert process.poll() is None
+        finally:
+            for hog in hogs:
+                hog.close()
+        assert "Worker exiting" not in process.log.read_text()
