@@ -29,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app import create_app
 from tests.conftest import ADMISSION, DRAIN_HOST, load_json
+from webhooks import logs
 from webhooks.admission import dispatch
 from webhooks.admission.review import API_VERSION, KIND, MAX_DEPTH, MAX_WARNING_CHARS
 from webhooks.names import CHANGES_ANNOTATION, DRAIN_TOKEN_LABEL, OPERATOR_OWNED_LABEL
@@ -1016,6 +1017,8 @@ def test_an_unexpected_exception_is_logged_in_one_short_line_and_answered_500(
         raise ValueError(error)
 
     monkeypatch.setattr(dispatch, "decide", explode)
+    # Logged at most once a second: each case starts with a fresh allowance.
+    monkeypatch.setattr("webhooks.http._exceptions_logged", logs.Throttle(per_second=1))
     client = create_app(Settings(drainHost=DRAIN_HOST), kube=None).test_client()
     with caplog.at_level(logging.ERROR):
         response = post(client, "mutate", encode(REVIEWS[POD_REVIEW]))
