@@ -516,11 +516,17 @@ def test_every_dashboard_query_parses_with_promtool(promtool, tmp_path):
 
 
 @pytest.fixture
-def busy_guard_page(cluster, calls) -> str:  # noqa: F811
+def busy_guard_page(cluster, calls, dev_certs) -> str:  # noqa: F811
     """/metrics of a guard that has reviewed, refused a body and drained a pod: every family
-    has samples, so the page shows every sample name the guard exports."""
+    has samples, so the page shows every sample name the guard exports (the certificates'
+    too: the test's own, not certs/, which a fresh clone has not made)."""
     pod = cluster.pod("udp-gateway-abc", allocations=0)
-    settings = Settings(drain=replace(FAST, metricsPort=cluster.port), drainHost="10.96.0.10")
+    settings = Settings(
+        drain=replace(FAST, metricsPort=cluster.port),
+        drainHost="10.96.0.10",
+        certFile=str(dev_certs / "tls.crt"),
+        caFile=str(dev_certs / "ca.crt"),
+    )
     app = create_app(settings, kube=Kube.for_host(cluster.api.url, timeout=1.0))
     service = app.extensions["stunner_guard"]
     try:

@@ -14,10 +14,10 @@ from webhooks import logs
 from webhooks import metrics as metric_labels
 from webhooks.admission import dispatch, review
 from webhooks.service import DECODING_WAIT_SECONDS, Service
+from webhooks.settings import DISCARD_OVERSIZED_FACTOR
 
 log = logging.getLogger(__name__)
 blueprint = Blueprint("stunner_guard", __name__)
-DISCARD_OVERSIZED_FACTOR = 4
 # The ``kind`` label: a kind the guard handles (Pod, Deployment, Dataplane,
 # HorizontalPodAutoscaler) in its own API group, else "other" (metrics.py: labels come
 # from closed sets, never from the request).

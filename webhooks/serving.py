@@ -59,7 +59,7 @@ from gunicorn import http, util
 from gunicorn.workers import gthread
 
 from webhooks import logs
-from webhooks.settings import from_env
+from webhooks.settings import DISCARD_OVERSIZED_FACTOR, from_env
 
 if TYPE_CHECKING:
     from webhooks.service import Service
@@ -114,6 +114,7 @@ class Framing:
     complete: bool  # the whole request is buffered (or cannot be framed: let gunicorn say)
     expects_continue: bool = False
     refuse: tuple[int, str, str] | None = None  # (status, reason phrase, why): answer, close
+    discard: int = 0  # body bytes still coming, to read and drop after the refusal
 
 
 def framing(buf: bytes | bytearray, max_body: int) -> Framing:
@@ -140,10 +141,16 @@ def framing(buf: bytes | bytearray, max_body: int) -> Framing:
     (length_text,) = lengths if len(lengths) == 1 else (b"",)
     if not length_text.isdigit():
         return Framing(complete=True)
+    expects = bool(_EXPECT_CONTINUE.search(head)) and bool(_HTTP_11.match(head))
     if len(length_text) > len(str(max_body)) or int(length_text) > max_body:
         why = f"body of {length_text[:30].decode()} bytes exceeds the {max_body}-byte limit"
-        return Framing(complete=False, refuse=(413, "Content Too Large", why))
-    expects = bool(_EXPECT_CONTINUE.search(head)) and bool(_HTTP_11.match(head))
+        # A client that waits for "100 Continue" sends no body; one that is sending it
+        # would see a reset instead of the answer if the connection closed under it.
+        length = int(length_text) if len(length_text) <= len(str(max_body)) + 1 else 0
+        discard = 0
+        if not expects and length <= DISCARD_OVERSIZED_FACTOR * max_body:
+            discard = max(0, length - (len(buf) - len(head)))
+        return Framing(complete=False, refuse=(413, "Content Too Large", why), discard=discard)
     return Framing(complete=len(buf) >= len(head) + int(length_text), expects_continue=expects)
 
 
@@ -272,6 +279,7 @@ class _Conn(gthread.TConn):
         self.deadline = 0.0  # of the request phase, monotonic
         self.in_phase = False
         self.sent_continue = False
+        self.discard = 0  # body bytes of a refused request still to read and drop
         self.idle_since = 0.0
 
     def close(self, graceful: bool = False) -> None:
@@ -430,6 +438,12 @@ class ThreadWorker(gthread.ThreadWorker):
                 data = conn.sock.recv(1 << 16)
                 if not data:  # the peer closed
                     raise ConnectionResetError
+                if conn.discard:  # the rest of a refused body
+                    conn.discard -= len(data)
+                    if conn.discard <= 0:
+                        self._close_answered(conn)
+                        return
+                    continue
                 conn.buf += data
                 self.buffered += len(data)
                 if self._advance(conn):
@@ -454,7 +468,7 @@ class ThreadWorker(gthread.ThreadWorker):
         """Hand the connection to a thread once its request is whole (True)."""
         frame = framing(conn.buf, self.max_body)
         if frame.refuse is not None:
-            self._refuse(conn, *frame.refuse)
+            self._refuse(conn, *frame.refuse, discard=frame.discard)
             return True
         if frame.expects_continue and not conn.sent_continue and not frame.complete:
             # The client waits for this before it sends the body (curl, for bodies over
@@ -479,11 +493,10 @@ class ThreadWorker(gthread.ThreadWorker):
         self.enqueue_req(conn)
         return True
 
-    def _refuse(self, conn: _Conn, status: int, phrase: str, why: str) -> None:
-        """Answer a request that would have a thread wait on its client, and close."""
-        with contextlib.suppress(OSError, KeyError, ValueError):
-            self.poller.unregister(conn.sock)
-        self._end_phase(conn)
+    def _refuse(self, conn: _Conn, status: int, phrase: str, why: str, discard: int = 0) -> None:
+        """Answer a request that would have a thread wait on its client, and close; with
+        ``discard``, first read and drop that much more of its body (on the main loop,
+        within the request's deadline) so that the client, still sending, gets the answer."""
         body = f"{why}\n".encode()
         head = (
             f"HTTP/1.1 {status} {phrase}\r\nContent-Type: text/plain\r\n"
@@ -493,6 +506,16 @@ class ThreadWorker(gthread.ThreadWorker):
             conn.sock.send(head.encode() + body)
         if _refusals_logged.take() is not None:
             log.info("refused a request from %s: %s %s", conn.client[0], status, why)
+        if discard > 0:
+            self.buffered -= len(conn.buf)
+            conn.buf, conn.discard = bytearray(), discard
+            return
+        self._close_answered(conn)
+
+    def _close_answered(self, conn: _Conn) -> None:
+        with contextlib.suppress(OSError, KeyError, ValueError):
+            self.poller.unregister(conn.sock)
+        self._end_phase(conn)
         self.nr_conns -= 1
         conn.close(graceful=True)
 

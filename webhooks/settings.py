@@ -24,6 +24,10 @@ import yaml
 from webhooks.admission.quantities import quantity
 
 MODES = ("enforce", "warn", "off")
+# A body over maxBodyBytes but at most this many times it is read and dropped before the 413
+# goes out: a client still sending when the connection closes sees a reset, not the 413.
+# Anything larger is cut off.
+DISCARD_OVERSIZED_FACTOR = 4
 FIXABLE_FINDINGS = ("warn", "deny")
 ENFORCE, WARN, OFF = MODES
 
