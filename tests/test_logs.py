@@ -129,3 +129,9 @@ def test_gunicorns_invalid_request_lines_are_throttled_and_others_are_not(monkey
     invalid = [record("Invalid request from ip=10.0.0.1: x %s", "y") for _ in range(5)]
     assert [only.filter(r) for r in invalid] == [True, True, False, False, False]
     assert all(only.filter(record("Booting worker %s", "1")) for _ in range(5))
+
+
+def test_a_field_with_a_newline_keeps_the_text_line_one_line():
+    text = logs.TextFormatter().format(record(pod="media/tok\n", outcome="not found"))
+    assert "\n" not in text
+    assert text.endswith("pod='media/tok\\n' outcome='not found'")

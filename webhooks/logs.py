@@ -50,9 +50,16 @@ def _message(record: logging.LogRecord) -> str:
     return " ".join(record.getMessage().split())
 
 
+def _field(value: object) -> str:
+    """A field value on a text line: quoted when it has spaces or control characters (a
+    drain path's token may carry a newline), so that a line stays one line."""
+    text = str(value)
+    return text if text.isprintable() and " " not in text else repr(text)
+
+
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        fields = "".join(f" {k}={v}" for k, v in _extra(record).items())
+        fields = "".join(f" {k}={_field(v)}" for k, v in _extra(record).items())
         return _cut(f"{_time(record)} {record.levelname} {record.name}: {_message(record)}{fields}")
 
 
