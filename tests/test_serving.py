@@ -52,6 +52,15 @@ def timed(connection: http.client.HTTPSConnection, method: str, path: str, body=
     return time.monotonic() - started, response.status
 
 
+def fresh(port: int, method: str, path: str, body=None):
+    """(seconds, status) of one request on a new connection, closed after it."""
+    connection = http.client.HTTPSConnection("127.0.0.1", port, context=_context(), timeout=10)
+    try:
+        return timed(connection, method, path, body)
+    finally:
+        connection.close()
+
+
 def raw_tls(port: int) -> ssl.SSLSocket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     return _context().wrap_socket(sock, server_hostname="localhost")
@@ -83,17 +92,13 @@ def test_the_hostile_connection_mix_neither_stalls_admission_nor_drops_a_held_dr
             # Past the 10 s request timeout: the deadline's closes and reopens too.
             until = time.monotonic() + 12
             while time.monotonic() < until:
-                fresh = http.client.HTTPSConnection(
-                    "127.0.0.1", port, context=_context(), timeout=10
-                )
                 for name, (seconds, status) in {
-                    "new": timed(fresh, "POST", "/mutate", REVIEW),
+                    "new": fresh(port, "POST", "/mutate", REVIEW),
                     "kept": timed(kept, "POST", "/mutate", REVIEW),
-                    "healthz": timed(fresh, "GET", "/healthz"),
+                    "healthz": fresh(port, "GET", "/healthz"),
                 }.items():
                     assert status == 200, name
                     slowest[name] = max(slowest[name], seconds)
-                fresh.close()
                 time.sleep(0.2)
             # The deadline closed the ones that never finished a request, and they came back.
             assert attack.closed["one-byte"] >= 1100 and attack.closed["slowloris"] >= 200
@@ -102,9 +107,7 @@ def test_the_hostile_connection_mix_neither_stalls_admission_nor_drops_a_held_dr
         # At once after the attack ends, on new and kept-alive connections.
         assert timed(kept, "POST", "/mutate", REVIEW)[0] < 0.5
         kept.close()
-        fresh = http.client.HTTPSConnection("127.0.0.1", port, context=_context(), timeout=10)
-        assert timed(fresh, "GET", "/healthz")[0] < 0.5
-        fresh.close()
+        assert fresh(port, "GET", "/healthz")[0] < 0.5
         target.allocations = 0
         status, body, _ = drain.result(timeout=10)
     assert (status, body["outcome"]) == (200, "drained")
@@ -189,9 +192,7 @@ def test_a_new_connection_at_the_connection_limit_evicts_the_oldest_unfinished_o
     hogs = [socket.create_connection(("127.0.0.1", quick), timeout=10) for _ in range(60)]
     try:
         time.sleep(0.3)
-        connection = http.client.HTTPSConnection("127.0.0.1", quick, context=_context(), timeout=5)
-        assert timed(connection, "GET", "/healthz")[1] == 200
-        connection.close()
+        assert fresh(quick, "GET", "/healthz")[1] == 200
         # The oldest hog made room: the server closed it.
         hogs[0].settimeout(2)
         assert hogs[0].recv(1) == b""
@@ -256,9 +257,7 @@ def test_refused_requests_never_stall_admission(quick):
     try:
         for sock in socks:
             sock.sendall(HEAD + b"Transfer-Encoding: chunked\r\n\r\n1\r\n{\r\n")
-        connection = http.client.HTTPSConnection("127.0.0.1", quick, context=_context(), timeout=5)
-        seconds, status = timed(connection, "POST", "/mutate", REVIEW)
-        connection.close()
+        seconds, status = fresh(quick, "POST", "/mutate", REVIEW)
         assert status == 200 and seconds < 1.0
     finally:
         for sock in socks:
@@ -287,9 +286,7 @@ def test_answered_connections_whose_peers_never_close_stay_bounded(quick_server)
         time.sleep(0.5)
         # The limit the server keeps (60) plus the lingering ones plus its own few.
         assert _worker_fds(process) < 60 + MAX_LINGERING + 40
-        connection = http.client.HTTPSConnection("127.0.0.1", port, context=_context(), timeout=5)
-        assert timed(connection, "GET", "/healthz")[1] == 200
-        connection.close()
+        assert fresh(port, "GET", "/healthz")[1] == 200
     finally:
         for sock in socks:
             sock.close()
