@@ -326,3 +326,18 @@ def test_out_of_file_descriptors_the_worker_evicts_and_answers(dev_certs, tmp_pa
             for hog in hogs:
                 hog.close()
         assert "Worker exiting" not in process.log.read_text()
+
+
+def test_an_oversized_request_pipelined_behind_another_is_answered_413(quick):
+    """The second request arrives with the first (read ahead): its refusal still reads and
+    drops its body before closing."""
+    body = b"x" * 70_000  # over the quick server's 64 KiB limit
+    answer, seconds = _answer_to(
+        quick,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        + HEAD
+        + b"Content-Length: %d\r\n\r\n" % len(body)
+        + body,
+    )
+    assert answer.startswith(b"HTTP/1.1 200 ") and b"HTTP/1.1 413 " in answer
+    assert seconds < 1.0  # closed once the body was dropped, not at the request deadline

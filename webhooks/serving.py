@@ -415,8 +415,8 @@ class ThreadWorker(gthread.ThreadWorker):
         conn.sent_continue = False
         self.buffered += len(seed)
         self.phase.append((conn.deadline, conn))
-        if seed and self._advance(conn):
-            return
+        if seed and self._advance(conn) and not conn.discard:
+            return  # handed to a thread, or answered and closed
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_phase_io, conn))
 
     def _end_phase(self, conn: _Conn) -> None:
@@ -458,7 +458,10 @@ class ThreadWorker(gthread.ThreadWorker):
             self._abandon(conn)
             return
         except Exception as err:  # a surprise on one connection must not stop the worker
-            log.error("connection from %s dropped: %s: %s", conn.client, type(err).__name__, err)
+            if _loop_errors_logged.take() is not None:
+                log.error(
+                    "connection from %s dropped: %s: %s", conn.client, type(err).__name__, err
+                )
             self._abandon(conn)
             return
         if self.buffered > MAX_BUFFERED_BYTES:
