@@ -34,8 +34,7 @@ class App(Flask):
 
     def log_exception(self, exc_info) -> None:
         # A bug, but one a client may be able to trigger at will: at most a line a second.
-        if _exceptions_logged.take() is not None:
-            self.logger.error("%s", one_line(exc_info))
+        _exceptions_logged.log(self.logger, logging.ERROR, "%s", one_line(exc_info))
 
 
 def one_line(exc_info) -> str:
@@ -117,15 +116,16 @@ def _refuse(service: Service, webhook: str, status: int, reason: str) -> Respons
     """A body that is not an AdmissionReview this service can answer: counted, logged,
     answered with the reason in plain text."""
     service.metrics.bad_requests.labels(webhook, str(status)).inc()
-    left_out = _refusals_logged.take()
-    if left_out is not None:
-        log.info(
-            "refused a body on /%s: %s %s",
-            webhook,
-            status,
-            reason,
-            extra={"client": request.remote_addr, "status": status, "left_out": left_out},
-        )
+    _refusals_logged.log(
+        log,
+        logging.INFO,
+        "refused a body on /%s: %s %s",
+        webhook,
+        status,
+        reason,
+        client=request.remote_addr,
+        status=status,
+    )
     return _plain(status, reason)
 
 

@@ -263,17 +263,9 @@ _failures_logged = logs.Throttle(per_second=10)
 def _log_failure(method: str, path: str, failure: KubeUnavailable) -> None:
     """One line per API failure: what was asked and what went wrong. A 409 is the
     optimistic-concurrency answer the callers expect (a Lease or pod changed meanwhile)."""
-    left_out = _failures_logged.take()
-    if left_out is None:
-        return
     level = logging.INFO if isinstance(failure, Conflict) else logging.WARNING
-    log.log(
-        level,
-        "Kubernetes API %s %s: %s",
-        method,
-        path,
-        failure,
-        extra={"api_path": path, "left_out": left_out},
+    _failures_logged.log(
+        log, level, "Kubernetes API %s %s: %s", method, path, failure, api_path=path
     )
 
 

@@ -113,6 +113,13 @@ class Throttle:
             left_out, self.suppressed = self.suppressed, 0
             return left_out
 
+    def log(self, logger: logging.Logger, level: int, msg: str, *args, **fields) -> None:
+        """``logger.log(level, msg, *args)`` with ``fields`` as extra and the count left
+        out before it (``left_out``), when the allowance has room; else nothing."""
+        left_out = self.take()
+        if left_out is not None:
+            logger.log(level, msg, *args, extra={**fields, "left_out": left_out})
+
 
 def log_format(env: dict[str, str] | None = None) -> str:
     value = (env if env is not None else os.environ).get("LOG_FORMAT") or "text"

@@ -458,10 +458,14 @@ class ThreadWorker(gthread.ThreadWorker):
             self._abandon(conn)
             return
         except Exception as err:  # a surprise on one connection must not stop the worker
-            if _loop_errors_logged.take() is not None:
-                log.error(
-                    "connection from %s dropped: %s: %s", conn.client, type(err).__name__, err
-                )
+            _loop_errors_logged.log(
+                log,
+                logging.ERROR,
+                "connection from %s dropped: %s: %s",
+                conn.client,
+                type(err).__name__,
+                err,
+            )
             self._abandon(conn)
             return
         if self.buffered > MAX_BUFFERED_BYTES:
@@ -507,8 +511,9 @@ class ThreadWorker(gthread.ThreadWorker):
         )
         with contextlib.suppress(OSError):  # a small answer; one that does not fit is lost
             conn.sock.send(head.encode() + body)
-        if _refusals_logged.take() is not None:
-            log.info("refused a request from %s: %s %s", conn.client[0], status, why)
+        _refusals_logged.log(
+            log, logging.INFO, "refused a request from %s: %s %s", conn.client[0], status, why
+        )
         if discard > 0:
             self.buffered -= len(conn.buf)
             conn.buf, conn.discard = bytearray(), discard
@@ -558,8 +563,9 @@ class ThreadWorker(gthread.ThreadWorker):
             try:
                 key.data(key.fileobj)
             except Exception as err:
-                if _loop_errors_logged.take() is not None:
-                    log.error("worker main loop: %s: %s", type(err).__name__, err)
+                _loop_errors_logged.log(
+                    log, logging.ERROR, "worker main loop: %s: %s", type(err).__name__, err
+                )
 
     # ---------------------------------------------------------------- threads
 

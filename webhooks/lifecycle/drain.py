@@ -315,17 +315,16 @@ def _log_answer(namespace: str, token: str, answer: Answer) -> None:
             extra=fields,
         )
         return
-    left_out = _quick_answers_logged.take()
-    if left_out is not None:
-        level = logging.WARNING if answer.outcome == OVER_CAPACITY else logging.INFO
-        log.log(
-            level,
-            "drain call for %s: %s: %s",
-            fields["pod"],
-            answer.outcome,
-            answer.message,
-            extra={**fields, "left_out": left_out},
-        )
+    level = logging.WARNING if answer.outcome == OVER_CAPACITY else logging.INFO
+    _quick_answers_logged.log(
+        log,
+        level,
+        "drain call for %s: %s: %s",
+        fields["pod"],
+        answer.outcome,
+        answer.message,
+        **fields,
+    )
 
 
 class Drainer:
