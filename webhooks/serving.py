@@ -142,16 +142,19 @@ def framing(buf: bytes | bytearray, max_body: int) -> Framing:
     if not length_text.isdigit():
         return Framing(complete=True)
     expects = bool(_EXPECT_CONTINUE.search(head)) and bool(_HTTP_11.match(head))
-    if len(length_text) > len(str(max_body)) or int(length_text) > max_body:
+    # int() of a few thousand digits is refused by Python itself: a length with more digits
+    # than the discard bound has is simply too large.
+    bound = DISCARD_OVERSIZED_FACTOR * max_body
+    length = int(length_text) if len(length_text) <= len(str(bound)) else bound + 1
+    if len(length_text) > len(str(max_body)) or length > max_body:
         why = f"body of {length_text[:30].decode()} bytes exceeds the {max_body}-byte limit"
         # A client that waits for "100 Continue" sends no body; one that is sending it
         # would see a reset instead of the answer if the connection closed under it.
-        length = int(length_text) if len(length_text) <= len(str(max_body)) + 1 else 0
         discard = 0
-        if not expects and length <= DISCARD_OVERSIZED_FACTOR * max_body:
+        if not expects and length <= bound:
             discard = max(0, length - (len(buf) - len(head)))
         return Framing(complete=False, refuse=(413, "Content Too Large", why), discard=discard)
-    return Framing(complete=len(buf) >= len(head) + int(length_text), expects_continue=expects)
+    return Framing(complete=len(buf) >= len(head) + length, expects_continue=expects)
 
 
 class _DeadlineSocket:
@@ -394,14 +397,13 @@ class ThreadWorker(gthread.ThreadWorker):
         the oldest idle kept-alive one. False when every connection is a request in
         flight."""
         while self.phase:
-            deadline, conn = self.phase.popleft()
-            if conn.in_phase and conn.deadline == deadline:
-                self._abandon(conn)
+            entry = self.phase.popleft()
+            if self._current(entry):
+                self._abandon(entry[1])
                 return True
         if self.keepalived_conns:
             conn = self.keepalived_conns.popleft()
-            with contextlib.suppress(OSError, KeyError, ValueError):
-                self.poller.unregister(conn.sock)
+            self._unregister(conn)
             self._drop(conn)
             return True
         return False
@@ -426,6 +428,17 @@ class ThreadWorker(gthread.ThreadWorker):
     def _drop(self, conn: _Conn) -> None:
         self.nr_conns -= 1
         conn.close()
+
+    def _unregister(self, conn: _Conn) -> None:
+        with contextlib.suppress(OSError, KeyError, ValueError):  # closed, or not registered
+            self.poller.unregister(conn.sock)
+
+    @staticmethod
+    def _current(entry: tuple[float, _Conn]) -> bool:
+        """A ``phase`` entry whose connection is still in the request phase it was made for
+        (a kept-alive connection's next request makes a new entry)."""
+        deadline, conn = entry
+        return conn.in_phase and conn.deadline == deadline
 
     def _on_phase_io(self, conn: _Conn, _sock) -> None:
         if not conn.in_phase:
@@ -485,8 +498,7 @@ class ThreadWorker(gthread.ThreadWorker):
                 conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
         if not frame.complete:
             return False
-        with contextlib.suppress(OSError, KeyError, ValueError):
-            self.poller.unregister(conn.sock)
+        self._unregister(conn)
         self._end_phase(conn)
         data, conn.buf = bytes(conn.buf), bytearray()
         if conn.parser is None:
@@ -521,34 +533,31 @@ class ThreadWorker(gthread.ThreadWorker):
         self._close_answered(conn)
 
     def _close_answered(self, conn: _Conn) -> None:
-        with contextlib.suppress(OSError, KeyError, ValueError):
-            self.poller.unregister(conn.sock)
+        self._unregister(conn)
         self._end_phase(conn)
         self.nr_conns -= 1
         conn.close(graceful=True)
 
     def _abandon(self, conn: _Conn) -> None:
-        with contextlib.suppress(OSError, KeyError, ValueError):
-            self.poller.unregister(conn.sock)
+        self._unregister(conn)
         self._end_phase(conn)
         self._drop(conn)
 
     def _shed_buffers(self) -> None:
         while self.buffered > MAX_BUFFERED_BYTES and self.phase:
-            deadline, conn = self.phase.popleft()
-            if conn.in_phase and conn.deadline == deadline:
-                self._abandon(conn)
+            entry = self.phase.popleft()
+            if self._current(entry):
+                self._abandon(entry[1])
 
     def murder_pending(self) -> None:
         """Close connections whose request phase outlived its deadline (and forget the
         ones that left it)."""
         now = time.monotonic()
         while self.phase:
-            deadline, conn = self.phase[0]
-            current = conn.in_phase and conn.deadline == deadline
-            if current and deadline > now:
+            current = self._current(self.phase[0])
+            if current and self.phase[0][0] > now:
                 break
-            self.phase.popleft()
+            _, conn = self.phase.popleft()
             if current:
                 self._abandon(conn)
 
@@ -686,8 +695,7 @@ class ThreadWorker(gthread.ThreadWorker):
             and now - self.keepalived_conns[0].idle_since >= STOP_IDLE_CLOSE_SECONDS
         ):
             conn = self.keepalived_conns.popleft()
-            with contextlib.suppress(OSError, KeyError, ValueError):
-                self.poller.unregister(conn.sock)
+            self._unregister(conn)
             self._drop(conn)
         busy = self.in_flight or self.keepalived_conns or any(c.in_phase for _, c in self.phase)
         return not busy and not self.sockets
