@@ -376,7 +376,7 @@ class Drainer:
         for outcome in STATUS:
             metrics.drain_outcomes.labels(outcome)
         metrics.drain_capacity.set(self.drain_settings.maxConcurrent)
-        metrics.drain_calls_held.set_function(lambda: self._held)
+        metrics.drain_calls_held.set_function(lambda: self.held)
         metrics.pod_watch_connected.set_function(
             lambda: float(self.watcher.connected) if self._started and self.watcher else None
         )
@@ -404,6 +404,11 @@ class Drainer:
         self.metrics.drain_outcomes.labels(answer.outcome).inc()
         _log_answer(namespace, token, answer)
         return answer
+
+    @property
+    def held(self) -> int:
+        """Drain calls held now (a repeated delivery counts again)."""
+        return self._held
 
     def in_progress(self) -> list[dict[str, Any]]:
         """The drains being held now, oldest first (``GET /drains``)."""
