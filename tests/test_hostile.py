@@ -454,11 +454,24 @@ def all_paths(value: Any, prefix: tuple = ()) -> list[tuple]:
 OBJECT_PATHS = {name: all_paths(r["request"]["object"]) for name, r in REVIEWS.items()}
 
 
+def _patched_as_captured() -> list[str]:
+    """The captured reviews the mutating webhook patches as they are."""
+    client = create_app(Settings(drainHost=DRAIN_HOST), kube=None).test_client()
+    return sorted(
+        name
+        for name, review in REVIEWS.items()
+        if "patch" in post(client, "mutate", encode(review)).get_json()["response"]
+    )
+
+
+PATCHED_REVIEWS = _patched_as_captured()
+
+
 @st.composite
-def damaged_reviews(draw, envelope: bool = False) -> dict:
+def damaged_reviews(draw, envelope: bool = False, names: list[str] | None = None) -> dict:
     """A real apiserver request with a few fields replaced by anything, or deleted: the
     fields the rules read most of the time, any field of the object otherwise."""
-    name = draw(st.sampled_from(sorted(REVIEWS)))
+    name = draw(st.sampled_from(names or sorted(REVIEWS)))
     review = copy.deepcopy(REVIEWS[name])
     hot = HOT_FIELDS[review["request"]["kind"]["kind"]]
     for _ in range(draw(st.integers(min_value=1, max_value=4))):
@@ -586,8 +599,11 @@ def test_made_up_workloads_of_every_kind_get_an_applicable_answer(guard, review)
         assert_contract(guard, webhook, body)
 
 
+# From the reviews the guard patches as captured: damage then leaves about 80% of them
+# patched, where drawing from every review left so few that Hypothesis gave up
+# (filter_too_much) in some runs.
 @settings(FAST, max_examples=100)
-@given(review=damaged_reviews())
+@given(review=damaged_reviews(names=PATCHED_REVIEWS))
 def test_mutating_a_mutated_hostile_object_changes_nothing(guard, review):
     """The apiserver may call the webhook again on its own output (reinvocationPolicy)."""
     first = assert_contract(guard, "mutate", encode(review))
